@@ -1,0 +1,1 @@
+"""Service discovery: the etcd key layout, endpoint records, registrations and the catalog."""

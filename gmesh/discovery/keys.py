@@ -1,0 +1,94 @@
+"""The etcd key layout: the only module that spells a gmesh key.
+
+Everything lives under one prefix (default `/gmesh/v1/`) so several meshes can share one
+etcd cluster:
+
+    <prefix>config/<Kind>/<name>       config resources (JSON)
+    <prefix>endpoints/<service>/<id>   endpoint records (JSON, leased)
+    <prefix>proxies/<id>               running proxies (JSON, leased)
+
+The catalog watches the one key range that covers `config/` and `endpoints/`, so churn
+elsewhere (quota counters, locks) never wakes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+DEFAULT_PREFIX = "/gmesh/v1/"
+
+
+def _segment(value: str) -> str:
+    # Addresses carry ':' and IPv6 brackets; a key segment must never carry '/'.
+    return quote(value, safe="")
+
+
+@dataclass(frozen=True, slots=True)
+class MeshKeys:
+    """Builds and parses keys for one mesh prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix.startswith("/") or not self.prefix.endswith("/"):
+            raise ValueError(f"mesh prefix must start and end with '/': {self.prefix!r}")
+
+    # config/
+    @property
+    def config_root(self) -> str:
+        return f"{self.prefix}config/"
+
+    def config_kind(self, kind: str) -> str:
+        return f"{self.config_root}{kind}/"
+
+    def config(self, kind: str, name: str) -> str:
+        return f"{self.config_root}{kind}/{name}"
+
+    # endpoints/
+    @property
+    def endpoints_root(self) -> str:
+        return f"{self.prefix}endpoints/"
+
+    def endpoints_of(self, service: str) -> str:
+        return f"{self.endpoints_root}{service}/"
+
+    def endpoint(self, service: str, endpoint_id: str) -> str:
+        return f"{self.endpoints_root}{service}/{_segment(endpoint_id)}"
+
+    # proxies/
+    @property
+    def proxies_root(self) -> str:
+        return f"{self.prefix}proxies/"
+
+    def proxy(self, proxy_id: str) -> str:
+        return f"{self.proxies_root}{_segment(proxy_id)}"
+
+    # What the catalog watches: [config/, endpoints/ and everything between].
+    @property
+    def catalog_range(self) -> tuple[str, str]:
+        start = self.config_root
+        end = self.endpoints_root[:-1] + chr(ord("/") + 1)  # first key after "endpoints/..."
+        return start, end
+
+    def parse(self, key: str) -> ParsedKey | None:
+        """What a key under this prefix names, or None for keys gmesh does not know."""
+        if not key.startswith(self.prefix):
+            return None
+        parts = key[len(self.prefix) :].split("/")
+        if len(parts) == 3 and parts[0] == "config" and all(parts[1:]):
+            return ParsedKey("config", parts[1], parts[2])
+        if len(parts) == 3 and parts[0] == "endpoints" and all(parts[1:]):
+            return ParsedKey("endpoint", parts[1], unquote(parts[2]))
+        if len(parts) == 2 and parts[0] == "proxies" and parts[1]:
+            return ParsedKey("proxy", "", unquote(parts[1]))
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    """`config`: group=kind, name=resource name; `endpoint`: group=service, name=endpoint id."""
+
+    what: str
+    group: str
+    name: str

@@ -1,0 +1,303 @@
+"""Registrations: an endpoint record kept in etcd under a lease for as long as its server lives.
+
+    async with gmesh.register("127.0.0.1:50051", service="orders", labels={"version": "v2"}):
+        await server.wait_for_termination()
+
+The record vanishes on exit (lease revoked: watchers see it within a second), on SIGTERM,
+and, if the process dies, when the lease expires (TTL, default 10 s). With a health check
+the record is withdrawn while the server is not SERVING and comes back when it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from types import MappingProxyType
+from typing import Any
+
+from gmesh.discovery import probe
+from gmesh.discovery.endpoint import (
+    Endpoint,
+    check_grpc_service,
+    check_labels,
+    check_service_name,
+    parse_address,
+)
+from gmesh.discovery.keys import DEFAULT_PREFIX, MeshKeys
+from gmesh.errors import InvalidArgument, StoreUnavailable
+from gmesh.store.connect import open_store
+from gmesh.store.etcd import EtcdConfig, LeaseKeeper, Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = 10
+MIN_TTL = 2
+
+
+class Registration:
+    """One endpoint of one service, registered while the context is open. See `register`."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        service: str,
+        labels: Mapping[str, str] | None = None,
+        grpc_services: Sequence[str] | None = None,
+        zone: str = "",
+        weight: int = 1,
+        ttl: int = DEFAULT_TTL,
+        etcd: str | EtcdConfig | None = None,
+        store: Store | None = None,
+        prefix: str | None = None,
+        reflection: bool = True,
+        health_check: bool = False,
+        health_service: str = "",
+        health_interval: float = 2.0,
+        handle_sigterm: bool = True,
+    ) -> None:
+        parse_address(address)
+        check_service_name(service)
+        if ttl < MIN_TTL:
+            raise InvalidArgument(f"ttl must be at least {MIN_TTL} seconds, got {ttl}")
+        if weight < 0:
+            raise InvalidArgument(f"weight must be >= 0, got {weight}")
+        if health_interval <= 0:
+            raise InvalidArgument("health interval must be positive")
+        self.address = address
+        self.service = service
+        self.labels = check_labels(labels or {})
+        self.given_services = tuple(check_grpc_service(s) for s in grpc_services or ())
+        self.zone, self.weight, self.ttl = zone, weight, ttl
+        self.keys = MeshKeys(prefix or os.environ.get("GMESH_PREFIX") or DEFAULT_PREFIX)
+        self._etcd, self._store, self._owns_store = etcd, store, store is None
+        self._reflection = reflection
+        self._health = (health_check, health_service, health_interval)
+        self._handle_sigterm = handle_sigterm
+        self.endpoint: Endpoint | None = None
+        self.published = False
+        self._lease = 0
+        self._keeper: LeaseKeeper | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def key(self) -> str:
+        return self.keys.endpoint(self.service, self.address)
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None, "registration is not open"
+        return self._store
+
+    async def __aenter__(self) -> Registration:
+        if self._store is None:
+            self._store = await open_store(self._etcd)
+        try:
+            self.endpoint = await self._describe()
+            await self._grant()
+            check, _, _ = self._health
+            if not check or await self._is_serving():
+                await self.publish()
+            if check:
+                self._spawn(self._health_loop())
+            if self._handle_sigterm:
+                _SigtermWithdraw.add(self)
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._close()
+
+    async def _describe(self) -> Endpoint:
+        services, methods, source = self.given_services, {}, "given"
+        if self._reflection:
+            api = await probe.reflect(self.address)
+            if api is not None and api.services:
+                missing = set(self.given_services) - set(api.services)
+                if missing:
+                    log.warning(
+                        "%s does not serve %s (per reflection); using what it serves",
+                        self.address,
+                        ", ".join(sorted(missing)),
+                    )
+                services, methods, source = api.services, api.methods, "reflection"
+        return Endpoint(
+            service=self.service,
+            address=self.address,
+            labels=MappingProxyType(dict(self.labels)),
+            grpc_services=tuple(services),
+            methods=MappingProxyType(methods),
+            zone=self.zone,
+            weight=self.weight,
+            grpc_services_from=source,
+            registered_at=time.time(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+        )
+
+    async def _grant(self) -> None:
+        self._lease = await self.store.grant_lease(self.ttl)
+        self._keeper = self.store.keep_alive(self._lease, self.ttl, self._lease_lost)
+
+    def _lease_lost(self) -> None:
+        # etcd forgot the lease (we were cut off longer than the TTL): start over.
+        self._spawn(self._renew())
+
+    async def _renew(self) -> None:
+        async with self._lock:
+            while not self._closed:
+                try:
+                    was_published = self.published
+                    await self._grant()
+                    if was_published:
+                        self.published = False
+                        await self._put()
+                    log.info("%s re-registered under a new lease", self.key)
+                    return
+                except StoreUnavailable as exc:
+                    log.warning("re-registering %s failed (%s); retrying", self.key, exc)
+                    await asyncio.sleep(1.0)
+
+    async def publish(self) -> None:
+        """Make the endpoint visible (again)."""
+        async with self._lock:
+            await self._put()
+
+    async def _put(self) -> None:
+        assert self.endpoint is not None
+        if not self.published:
+            await self.store.put(self.key, self.endpoint.to_json(), lease=self._lease)
+            self.published = True
+
+    async def withdraw(self) -> None:
+        """Take the endpoint out of discovery but keep the lease (it may come back)."""
+        async with self._lock:
+            if self.published:
+                await self.store.delete(self.key)
+                self.published = False
+
+    async def update(self, **changes: Any) -> None:
+        """Change labels, weight or zone of the live record (e.g. to drain by weight 0)."""
+        async with self._lock:
+            assert self.endpoint is not None
+            if "labels" in changes:
+                changes["labels"] = MappingProxyType(check_labels(changes["labels"]))
+            self.endpoint = replace(self.endpoint, **changes)
+            if self.published:
+                await self.store.put(self.key, self.endpoint.to_json(), lease=self._lease)
+
+    async def _is_serving(self) -> bool:
+        _, service, interval = self._health
+        status = await probe.health(self.address, service=service, timeout=max(interval, 1.0))
+        return status == "SERVING"
+
+    async def _health_loop(self) -> None:
+        _, _, interval = self._health
+        while True:
+            await asyncio.sleep(interval)
+            serving = await self._is_serving()
+            try:
+                if serving and not self.published:
+                    log.info("%s is SERVING again: publishing", self.address)
+                    await self.publish()
+                elif not serving and self.published:
+                    log.info("%s is not SERVING: withdrawing", self.address)
+                    await self.withdraw()
+            except StoreUnavailable as exc:
+                log.warning("health change of %s not written: %s", self.address, exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def deregister(self) -> None:
+        """Withdraw now by revoking the lease (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        _SigtermWithdraw.remove(self)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._keeper is not None:
+            await self._keeper.stop()
+        if self._lease and self._store is not None:
+            try:
+                await self._store.revoke_lease(self._lease, timeout=2.0)
+            except StoreUnavailable as exc:
+                log.warning("could not withdraw %s now (%s); it expires within %ss", self.key, exc, self.ttl)
+        self.published = False
+
+    async def _close(self) -> None:
+        await self.deregister()
+        if self._owns_store and self._store is not None:
+            await self._store.close()
+            self._store = None
+
+
+def register(address: str, *, service: str, **options: Any) -> Registration:
+    """Register `address` as an endpoint of `service` for the life of an `async with` block.
+
+    Options: `labels` (dict), `grpc_services` (used when the server offers no reflection),
+    `zone`, `weight` (default 1), `ttl` (lease seconds, default 10), `etcd` (URLs; default
+    `GMESH_ETCD` or the embedded etcd), `prefix` (mesh key prefix), `health_check` (poll
+    `grpc.health.v1` and withdraw while not SERVING), `health_service`, `health_interval`,
+    `handle_sigterm` (default True: on SIGTERM, withdraw first, then terminate as before —
+    only when the process has no SIGTERM handler of its own).
+    """
+    return Registration(address, service=service, **options)
+
+
+class _SigtermWithdraw:
+    """On SIGTERM, withdraw every open registration, then die of SIGTERM as if unhandled."""
+
+    active: set[Registration] = set()
+    installed_on: asyncio.AbstractEventLoop | None = None
+    dying: asyncio.Task[None] | None = None  # held so the task is not garbage-collected
+
+    @classmethod
+    def add(cls, registration: Registration) -> None:
+        cls.active.add(registration)
+        loop = asyncio.get_running_loop()
+        if cls.installed_on is loop:
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return  # the application handles SIGTERM itself; __aexit__ will withdraw
+        try:
+            loop.add_signal_handler(signal.SIGTERM, cls._on_sigterm)
+        except (RuntimeError, ValueError, NotImplementedError):
+            return  # not the main thread
+        cls.installed_on = loop
+
+    @classmethod
+    def remove(cls, registration: Registration) -> None:
+        cls.active.discard(registration)
+
+    @classmethod
+    def _on_sigterm(cls) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def withdraw_all_then_die() -> None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(3.0):
+                    await asyncio.gather(*(r.deregister() for r in list(cls.active)))
+            loop.remove_signal_handler(signal.SIGTERM)
+            cls.installed_on = None
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        cls.dying = loop.create_task(withdraw_all_then_die())
