@@ -1,0 +1,1 @@
+"""Config resources: typed kinds, YAML loading with line numbers, validation, schema, diff and apply."""
