@@ -1,0 +1,5 @@
+"""`python -m gmesh.cli` runs the gmesh command."""
+
+from gmesh.cli import main
+
+main()

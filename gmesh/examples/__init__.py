@@ -1,0 +1,1 @@
+"""Example services used by the README tour and `gmesh demo`."""
