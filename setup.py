@@ -17,6 +17,9 @@ PROTO_ROOT = ROOT / "proto"
 
 class BuildPyWithProtos(build_py):
     def run(self) -> None:
+        # Sources first: generating first would leave empty __init__.py files that look
+        # newer than the real ones, and build_py would then not copy the real ones.
+        super().run()
         import grpc_tools
         from grpc_tools import protoc
 
@@ -41,7 +44,6 @@ class BuildPyWithProtos(build_py):
             while pkg != out and not (pkg / "__init__.py").exists():
                 (pkg / "__init__.py").touch()
                 pkg = pkg.parent
-        super().run()
 
 
 setup(cmdclass={"build_py": BuildPyWithProtos})

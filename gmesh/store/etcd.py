@@ -545,7 +545,9 @@ class Store:
                         await self._authenticate()
                 await backoff.sleep()
 
-    async def _watch_stream(self, start: str, end: str, state: _WatchState) -> AsyncIterator[WatchItem]:
+    async def _watch_stream(
+        self, start: str, end: str, state: _WatchState
+    ) -> AsyncGenerator[WatchItem, None]:
         closed = asyncio.Event()
 
         async def requests() -> AsyncIterator[Any]:
