@@ -17,7 +17,8 @@ from gmesh.discovery.keys import MeshKeys
 from gmesh.store.etcd import EtcdConfig, Store
 from gmesh.testing.etcd import EtcdMember
 
-GMESH = [sys.executable, "-m", "gmesh.cli"]
+# -P: run the installed gmesh, never a source checkout that happens to be the cwd
+GMESH = [sys.executable, "-P", "-m", "gmesh.cli"]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

@@ -15,7 +15,11 @@ def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path: Path) -> None:
     env["GMESH_DATA_DIR"] = str(tmp_path)
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "gmesh.cli", "demo"], env=env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-P", "-m", "gmesh.cli", "demo"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert result.returncode == 0, result.stdout + result.stderr
         out = result.stdout

@@ -85,6 +85,7 @@ async def _demo(target: MeshTarget) -> None:
                 servers.append(
                     await asyncio.create_subprocess_exec(
                         sys.executable,
+                        "-P",  # never import a source checkout in the cwd over the installed gmesh
                         "-m",
                         "gmesh.examples.orders",
                         "--version",

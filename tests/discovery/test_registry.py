@@ -159,7 +159,7 @@ async def test_kill_9_leaves_every_watcher_within_ttl_plus_2s(
 ) -> None:
     upstream = None
     if how == "python":  # a Python server registered with gmesh.register()
-        cmd = [sys.executable, "-m", "gmesh.testing.echo", "--service", "victim", "--ttl", str(TTL)]
+        cmd = [sys.executable, "-P", "-m", "gmesh.testing.echo", "--service", "victim", "--ttl", str(TTL)]
     else:  # any server, registered by `gmesh register` in the foreground
         upstream = await start_echo_server("victim")
         cmd = [
@@ -200,7 +200,7 @@ async def test_sigterm_withdraws_within_a_second(
 ) -> None:
     upstream = None
     if how == "python":
-        cmd = [sys.executable, "-m", "gmesh.testing.echo", "--service", "leaving", "--ttl", "30"]
+        cmd = [sys.executable, "-P", "-m", "gmesh.testing.echo", "--service", "leaving", "--ttl", "30"]
     else:
         upstream = await start_echo_server("leaving")
         cmd = [

@@ -13,7 +13,8 @@ import pytest
 
 from gmesh.store.embedded import EmbeddedEtcd, is_healthy
 
-GMESH = [sys.executable, "-m", "gmesh.cli"]
+# -P: run the installed gmesh, never a source checkout that happens to be the cwd
+GMESH = [sys.executable, "-P", "-m", "gmesh.cli"]
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-GMESH = [sys.executable, "-m", "gmesh.cli"]
+# -P: run the installed gmesh, never a source checkout that happens to be the cwd
+GMESH = [sys.executable, "-P", "-m", "gmesh.cli"]
 
 
 def gmesh(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
