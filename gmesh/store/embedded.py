@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -77,10 +78,14 @@ class MemberSpec:
     cluster: tuple[tuple[str, int], ...] = ()  # (name, peer_port) of every member; empty = alone
     cluster_token: str = "gmesh"
     unsafe_no_fsync: bool = False
+    #: serve clients over TLS and require client certificates: (cert, key, trusted CA)
+    client_tls: tuple[Path, Path, Path] | None = None
+    extra_args: tuple[str, ...] = ()
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.client_tls else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -108,7 +113,11 @@ class MemberSpec:
         ]  # fmt: skip
         if self.unsafe_no_fsync:
             cmd.append("--unsafe-no-fsync")
-        return cmd
+        if self.client_tls:
+            cert, key, ca = self.client_tls
+            cmd += ["--cert-file", str(cert), "--key-file", str(key), "--trusted-ca-file", str(ca),
+                    "--client-cert-auth"]  # fmt: skip
+        return [*cmd, *self.extra_args]
 
 
 def spawn(spec: MemberSpec, log_path: Path, *, detach: bool = False) -> subprocess.Popen[bytes]:
@@ -125,10 +134,10 @@ def spawn(spec: MemberSpec, log_path: Path, *, detach: bool = False) -> subproce
         )
 
 
-def is_healthy(client_url: str, timeout: float = 1.0) -> bool:
+def is_healthy(client_url: str, timeout: float = 1.0, *, context: ssl.SSLContext | None = None) -> bool:
     """True when the member answers /health with a leader in place."""
     try:
-        with urllib.request.urlopen(f"{client_url}/health", timeout=timeout) as resp:
+        with urllib.request.urlopen(f"{client_url}/health", timeout=timeout, context=context) as resp:
             return bool(json.load(resp).get("health") == "true")
     except (OSError, ValueError, urllib.error.URLError):
         return False
@@ -140,6 +149,7 @@ def wait_healthy(
     timeout: float = 30.0,
     proc: subprocess.Popen[bytes] | None = None,
     log_path: Path | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> None:
     """Wait until every URL is healthy; raise `EmbeddedEtcdError` with the log tail if not."""
     deadline = time.monotonic() + timeout
@@ -147,7 +157,7 @@ def wait_healthy(
     while pending:
         if proc is not None and proc.poll() is not None:
             raise EmbeddedEtcdError(f"etcd exited with code {proc.returncode}{_tail(log_path)}")
-        pending = [u for u in pending if not is_healthy(u)]
+        pending = [u for u in pending if not is_healthy(u, context=context)]
         if not pending:
             return
         if time.monotonic() > deadline:

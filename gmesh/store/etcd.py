@@ -349,9 +349,10 @@ class Store:
                 resp = await self._auth.authenticate(
                     self.config.user, self.config.password or "", timeout=self.config.timeout
                 )
-            except EtcdError as exc:
+            except (EtcdError, grpc.aio.AioRpcError) as exc:
+                reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 raise StoreUnavailable(
-                    f"etcd at {self.config.describe()}: login as {self.config.user!r} failed: {exc}"
+                    f"etcd at {self.config.describe()}: login as {self.config.user!r} failed: {reason}"
                 ) from exc
             self._metadata = (("token", resp.token),)
             for svc in (self._kv, self._lease, self._auth):
@@ -374,11 +375,17 @@ class Store:
         for attempt in (1, 2):
             try:
                 return await fn()
-            except EtcdUnauthenticatedError as exc:
-                # Tokens expire (5 min by default): log in again once, then give up.
-                if self.config.user is None or attempt == 2:
-                    raise StoreUnavailable(f"etcd at {self.config.describe()}: {what}: {exc}") from exc
-                await self._authenticate()
+            except (EtcdUnauthenticatedError, grpc.aio.AioRpcError) as exc:
+                # Tokens expire (5 min by default) and die when the auth store changes: log in
+                # again once, then give up.
+                if self.config.user is not None and attempt == 1 and _needs_login(exc):
+                    await self._authenticate()
+                    continue
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    raise StoreUnavailable(
+                        f"etcd at {self.config.describe()}: {what} failed: {exc.code().name} {exc.details()}"
+                    ) from exc
+                raise StoreUnavailable(f"etcd at {self.config.describe()}: {what}: {exc}") from exc
             except (EtcdConnectionError, EtcdTransientError, TimeoutError) as exc:
                 cause = exc.__cause__
                 detail = (
@@ -391,10 +398,6 @@ class Store:
                 ) from exc
             except EtcdPermissionDeniedError as exc:
                 raise StoreUnavailable(f"etcd at {self.config.describe()}: {what}: {exc}") from exc
-            except grpc.aio.AioRpcError as exc:
-                raise StoreUnavailable(
-                    f"etcd at {self.config.describe()}: {what} failed: {exc.code().name} {exc.details()}"
-                ) from exc
         raise AssertionError("unreachable")
 
     async def ping(self) -> int:
@@ -468,6 +471,10 @@ class Store:
         if not result.succeeded:
             raise Conflict("the keys changed since they were read; read again and retry")
         return result.revision
+
+    async def compact(self, revision: int) -> None:
+        """Drop history before `revision` (watchers asking for it get a `Resync`)."""
+        await self._call("compact", lambda: self._kv.compact(revision, timeout=self.config.timeout))
 
     # -- leases ------------------------------------------------------------------------
 
@@ -605,6 +612,16 @@ class _WatchMustResync(Exception):
 
 class _WatchCanceled(Exception):
     pass
+
+
+def _needs_login(exc: BaseException) -> bool:
+    """An etcd refusal that a fresh token cures (expired token, or one older than the auth store)."""
+    if isinstance(exc, EtcdUnauthenticatedError):
+        return True
+    if isinstance(exc, grpc.aio.AioRpcError):
+        details = exc.details() or ""
+        return exc.code() == grpc.StatusCode.UNAUTHENTICATED or "revision of auth store is old" in details
+    return False
 
 
 def _describe(exc: BaseException) -> str:

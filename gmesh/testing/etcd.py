@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import ssl
 import subprocess
 import urllib.request
 import uuid
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gmesh.store.embedded import MemberSpec, free_port, is_healthy, spawn, wait_healthy
+from gmesh.testing.certs import TlsFiles
 
 
 @dataclass
@@ -21,6 +23,8 @@ class EtcdMember:
     spec: MemberSpec
     log_path: Path
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    #: for TLS members: trusts the CA and presents a client certificate
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -42,10 +46,12 @@ class EtcdMember:
             self.wait_healthy()
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        wait_healthy([self.url], timeout=timeout, proc=self.proc, log_path=self.log_path)
+        wait_healthy(
+            [self.url], timeout=timeout, proc=self.proc, log_path=self.log_path, context=self.ssl_context
+        )
 
     def healthy(self) -> bool:
-        return self.running and is_healthy(self.url)
+        return self.running and is_healthy(self.url, context=self.ssl_context)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._signal(signal.SIGTERM, timeout)
@@ -82,10 +88,25 @@ class EtcdMember:
         return bool(status["leader"] == status["header"]["member_id"])
 
 
-def single_member(root: Path, *, name: str = "etcd") -> EtcdMember:
-    """A one-member etcd with data under `root` (not started)."""
-    spec = MemberSpec(name, free_port(), free_port(), root / f"{name}.data", unsafe_no_fsync=True)
-    return EtcdMember(spec, root / f"{name}.log")
+def single_member(
+    root: Path, *, name: str = "etcd", tls: TlsFiles | None = None, extra_args: tuple[str, ...] = ()
+) -> EtcdMember:
+    """A one-member etcd with data under `root` (not started); with `tls`, clients need certificates."""
+    client_tls = (tls.server_cert, tls.server_key, tls.ca) if tls else None
+    spec = MemberSpec(
+        name,
+        free_port(),
+        free_port(),
+        root / f"{name}.data",
+        unsafe_no_fsync=True,
+        client_tls=client_tls,
+        extra_args=extra_args,
+    )
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(cafile=str(tls.ca))
+        context.load_cert_chain(str(tls.client_cert), str(tls.client_key))
+    return EtcdMember(spec, root / f"{name}.log", ssl_context=context)
 
 
 @dataclass

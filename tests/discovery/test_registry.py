@@ -21,6 +21,8 @@ from gmesh.testing.echo import EchoServer, start_echo_server
 from gmesh.testing.etcd import EtcdMember
 
 TTL = 3
+# -P: run the installed gmesh, never a source checkout that happens to be the cwd
+GMESH = [sys.executable, "-P", "-m", "gmesh.cli"]
 
 
 @contextlib.asynccontextmanager
@@ -148,6 +150,30 @@ async def test_lease_lost_while_cut_off_is_replaced(
     assert await store.get(key) is None
 
 
+@contextlib.asynccontextmanager
+async def registered_process(
+    how: str, service: str, ttl: int, env: dict[str, str]
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A process holding a registration of `service`: a Python server using gmesh.register()
+    ("python"), or `gmesh register` in front of a server of any language ("cli")."""
+    upstream = None
+    if how == "python":
+        cmd = [sys.executable, "-P", "-m", "gmesh.testing.echo", "--service", service, "--ttl", str(ttl)]
+    else:
+        upstream = await start_echo_server(service)
+        cmd = [*GMESH, "register", "-s", service, "-a", upstream.address, "--ttl", str(ttl)]
+    proc = await spawn(*cmd, env=env)
+    try:
+        await read_until(proc, "registered")
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        if upstream is not None:
+            await upstream.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["python", "cli"])
 async def test_kill_9_leaves_every_watcher_within_ttl_plus_2s(
@@ -157,37 +183,15 @@ async def test_kill_9_leaves_every_watcher_within_ttl_plus_2s(
     config_kinds: KindRegistry,
     gmesh_env: dict[str, str],
 ) -> None:
-    upstream = None
-    if how == "python":  # a Python server registered with gmesh.register()
-        cmd = [sys.executable, "-P", "-m", "gmesh.testing.echo", "--service", "victim", "--ttl", str(TTL)]
-    else:  # any server, registered by `gmesh register` in the foreground
-        upstream = await start_echo_server("victim")
-        cmd = [
-            sys.executable,
-            "-m",
-            "gmesh.cli",
-            "register",
-            "-s",
-            "victim",
-            "-a",
-            upstream.address,
-            "--ttl",
-            str(TTL),
-        ]
-    async with watchers(etcd_server, mesh_keys, config_kinds) as catalogs:
-        proc = await spawn(*cmd, env=gmesh_env)
-        try:
-            await read_until(proc, "registered")
-            await all_see(catalogs, "victim", 1, timeout=5)
-            proc.send_signal(signal.SIGKILL)
-            await proc.wait()
-            gone_after = await all_see(catalogs, "victim", 0, timeout=TTL + 2)
-            assert gone_after <= TTL + 2
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            if upstream is not None:
-                await upstream.stop()
+    async with (
+        watchers(etcd_server, mesh_keys, config_kinds) as catalogs,
+        registered_process(how, "victim", TTL, gmesh_env) as proc,
+    ):
+        await all_see(catalogs, "victim", 1, timeout=5)
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        gone_after = await all_see(catalogs, "victim", 0, timeout=TTL + 2)
+        assert gone_after <= TTL + 2
 
 
 @pytest.mark.parametrize("how", ["python", "cli"])
@@ -198,38 +202,16 @@ async def test_sigterm_withdraws_within_a_second(
     config_kinds: KindRegistry,
     gmesh_env: dict[str, str],
 ) -> None:
-    upstream = None
-    if how == "python":
-        cmd = [sys.executable, "-P", "-m", "gmesh.testing.echo", "--service", "leaving", "--ttl", "30"]
-    else:
-        upstream = await start_echo_server("leaving")
-        cmd = [
-            sys.executable,
-            "-m",
-            "gmesh.cli",
-            "register",
-            "-s",
-            "leaving",
-            "-a",
-            upstream.address,
-            "--ttl",
-            "30",
-        ]
-    async with watchers(etcd_server, mesh_keys, config_kinds) as catalogs:
-        proc = await spawn(*cmd, env=gmesh_env)
-        try:
-            await read_until(proc, "registered")
-            await all_see(catalogs, "leaving", 1, timeout=5)
-            proc.send_signal(signal.SIGTERM)
-            assert await all_see(catalogs, "leaving", 0, timeout=1.0) < 1.0
-            code = await asyncio.wait_for(proc.wait(), 5)
-            # gmesh register exits cleanly; a Python server dies of the SIGTERM it got, as before.
-            assert code == (0 if how == "cli" else -signal.SIGTERM)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            if upstream is not None:
-                await upstream.stop()
+    async with (
+        watchers(etcd_server, mesh_keys, config_kinds) as catalogs,
+        registered_process(how, "leaving", 30, gmesh_env) as proc,
+    ):
+        await all_see(catalogs, "leaving", 1, timeout=5)
+        proc.send_signal(signal.SIGTERM)
+        assert await all_see(catalogs, "leaving", 0, timeout=1.0) < 1.0
+        code = await asyncio.wait_for(proc.wait(), 5)
+        # gmesh register exits cleanly; a Python server dies of the SIGTERM it got, as before.
+        assert code == (0 if how == "cli" else -signal.SIGTERM)
 
 
 async def test_cli_health_check_withdraws_while_not_serving(
@@ -240,19 +222,8 @@ async def test_cli_health_check_withdraws_while_not_serving(
     gmesh_env: dict[str, str],
 ) -> None:
     interval = 0.2
-    cmd = [
-        sys.executable,
-        "-m",
-        "gmesh.cli",
-        "register",
-        "-s",
-        "checked",
-        "-a",
-        echo_server.address,
-        "--health-check",
-        "--health-interval",
-        f"{int(interval * 1000)}ms",
-    ]
+    cmd = [*GMESH, "register", "-s", "checked", "-a", echo_server.address, "--health-check",
+           "--health-interval", f"{int(interval * 1000)}ms"]  # fmt: skip
     async with watchers(etcd_server, mesh_keys, config_kinds, count=1) as (catalog,):
         proc = await spawn(*cmd, env=gmesh_env)
         try:

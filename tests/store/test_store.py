@@ -145,7 +145,7 @@ async def test_watch_after_compaction_resyncs_instead_of_skipping(
         old = await store.put(f"{p}a", b"1")
         await store.put(f"{p}a", b"2")
         latest = await store.put(f"{p}b", b"3")
-        await store._kv.compact(latest)
+        await store.compact(latest)
         # Asking for history that compaction removed must give the full state, not a gap.
         watch = store.watch(p, start_revision=old)
         item = await next_item(watch)
