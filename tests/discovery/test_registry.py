@@ -192,6 +192,7 @@ async def test_kill_9_leaves_every_watcher_within_ttl_plus_2s(
         await proc.wait()
         gone_after = await all_see(catalogs, "victim", 0, timeout=TTL + 2)
         assert gone_after <= TTL + 2
+        print(f"kill -9 ({how}): gone from every watcher after {gone_after:.2f}s (TTL {TTL}s)")
 
 
 @pytest.mark.parametrize("how", ["python", "cli"])
@@ -208,7 +209,9 @@ async def test_sigterm_withdraws_within_a_second(
     ):
         await all_see(catalogs, "leaving", 1, timeout=5)
         proc.send_signal(signal.SIGTERM)
-        assert await all_see(catalogs, "leaving", 0, timeout=1.0) < 1.0
+        gone_after = await all_see(catalogs, "leaving", 0, timeout=1.0)
+        assert gone_after < 1.0
+        print(f"SIGTERM ({how}): gone from every watcher after {gone_after * 1000:.0f}ms")
         code = await asyncio.wait_for(proc.wait(), 5)
         # gmesh register exits cleanly; a Python server dies of the SIGTERM it got, as before.
         assert code == (0 if how == "cli" else -signal.SIGTERM)
