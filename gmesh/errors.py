@@ -47,6 +47,21 @@ class EmbeddedEtcdError(GmeshError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
+class CallError(GmeshError):
+    """Ends one RPC with a gRPC status: raised by filters and the data path, sent to the caller."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: tuple[tuple[str, str | bytes], ...] = (),
+    ) -> None:
+        super().__init__(details)
+        self.status = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     """One thing wrong in one config document: where it is and what is wrong."""

@@ -20,6 +20,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
+    from gmesh.chain.filter import FilterFactory
     from gmesh.config.kinds import KindRegistry
 
 PROJECT = "gmesh"
@@ -45,6 +46,31 @@ def gmesh_register_config_kinds(kinds: KindRegistry) -> None:
         and built-ins run last, so a third party can replace a built-in kind.
 
     Called once per process, when the plugin manager is loaded. Hot path: never.
+    """
+
+
+# --------------------------------------------------------------------------- data path
+
+
+@hookspec
+def gmesh_filter_factories() -> list[FilterFactory]:  # type: ignore[empty-body]
+    """Give filter factories for the chain every call runs through (proxy and channel alike).
+
+    Return a list of objects with `name` (str), `phase` (`gmesh.chain.Phase`: OBSERVE,
+    AUTHENTICATE, AUTHORIZE, LIMIT, ROUTE, RETRY, BALANCE) and
+    ``build(service, snapshot) -> Filter | None``. gmesh calls `build` for every mesh
+    service whenever the config or the endpoints change, and composes the filters it
+    returns in phase order (then plugin order) in front of the forwarder; return None
+    when the service needs nothing from you, so its calls do not pay for your filter.
+
+    A filter is ``async def __call__(self, call, next)``: raise
+    ``gmesh.errors.CallError(code, details)`` to end the call with a gRPC status, change
+    ``call`` (metadata, endpoint, stash) and ``return await next(call)``, or wrap that
+    await (timing, retries). Filters are shared by concurrent calls: keep per-call state
+    in ``call.stash``.
+
+    Called whenever the snapshot changes, per service. Hot path: never (the filters it
+    builds are the hot path, and run as plain awaited calls).
     """
 
 

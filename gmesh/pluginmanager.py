@@ -23,6 +23,8 @@ from gmesh.errors import InvalidArgument
 if TYPE_CHECKING:
     import click
 
+    from gmesh.chain.filter import FilterFactory
+
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "gmesh"
@@ -32,9 +34,10 @@ DISABLE_ENV = "GMESH_DISABLE_PLUGINS"
 #: registered directly too when gmesh runs from a source tree without its metadata.
 BUILTINS: dict[str, str] = {
     "service": "gmesh.plugins.service",
+    "balancer": "gmesh.plugins.balancer",
 }
 #: Built-ins gmesh cannot work without; GMESH_DISABLE_PLUGINS cannot remove them.
-ESSENTIAL = frozenset({"service"})
+ESSENTIAL = frozenset({"service", "balancer"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,13 @@ class Plugins:
             kinds.plugin = ""
             self._kinds = kinds
         return self._kinds
+
+    def filter_factories(self) -> list[FilterFactory]:
+        """Every filter factory, in plugin call order (the chain sorts them by phase)."""
+        factories: list[FilterFactory] = []
+        for given in self.pm.hook.gmesh_filter_factories():
+            factories.extend(given)
+        return factories
 
     def register_commands(self, cli: click.Group) -> None:
         self.pm.hook.gmesh_register_commands(cli=cli)

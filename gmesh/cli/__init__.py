@@ -33,11 +33,12 @@ def cli(log_level: str) -> None:
 
 
 def _add_builtin_commands() -> None:
-    from gmesh.cli import config_cmd, demo, etcd_cmd, plugins_cmd, register_cmd
+    from gmesh.cli import config_cmd, demo, etcd_cmd, plugins_cmd, proxy_cmd, register_cmd
 
     for command in (
         etcd_cmd.etcd,
         register_cmd.register,
+        proxy_cmd.proxy,
         config_cmd.apply,
         config_cmd.get,
         config_cmd.delete,

@@ -19,6 +19,7 @@ from gmesh.errors import ConfigError, InvalidArgument, NotFound
 from gmesh.pluginmanager import Plugins
 
 ENDPOINTS = ("endpoints", "endpoint", "ep", "eps")
+PROXIES = ("proxies", "proxy", "px")
 
 
 def _kinds() -> KindRegistry:
@@ -81,10 +82,14 @@ def apply(target: MeshTarget, paths: tuple[Path, ...], dry_run: bool) -> None:
 )
 @mesh_options
 def get(target: MeshTarget, kind: str, name: str | None, output: str) -> None:
-    """Show config resources of KIND (e.g. service), or registered endpoints.
+    """Show config resources of KIND (e.g. service), registered endpoints, or running proxies.
 
-    `gmesh get endpoints [SERVICE]` lists the endpoints of every service (or of one).
+    `gmesh get endpoints [SERVICE]` lists the endpoints of every service (or of one);
+    `gmesh get proxies` lists running proxies and the config revision each serves.
     """
+    if kind.lower() in PROXIES:
+        run(_get_proxies(target, output))
+        return
     if kind.lower() in ENDPOINTS:
         if name is not None:
             check_service_name(name)
@@ -160,6 +165,27 @@ def endpoints_table(endpoints: list[Endpoint]) -> str:
         for e in endpoints
     ]
     return table(["SERVICE", "ADDRESS", "LABELS", "GRPC SERVICES", "ZONE", "WEIGHT", "AGE"], rows)
+
+
+async def _get_proxies(target: MeshTarget, output: str) -> None:
+    from gmesh.cli.proxy_cmd import proxies_table
+
+    async with target.store() as store:
+        kvs, revision = await store.get_prefix(target.keys.proxies_root)
+    records = []
+    for kv in kvs:
+        try:
+            records.append(json.loads(kv.value))
+        except ValueError:
+            click.echo(f"warning: {kv.key} is malformed, ignored", err=True)
+    records.sort(key=lambda r: str(r.get("id", "")))
+    if output in ("json", "yaml"):
+        click.echo(json.dumps(records, indent=2) if output == "json" else to_yaml(records).rstrip())
+    elif not records:
+        click.echo("no proxies")
+    else:
+        click.echo(proxies_table(records))
+        click.echo(f"(etcd is at revision {revision})")
 
 
 @click.command()

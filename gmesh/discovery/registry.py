@@ -31,9 +31,10 @@ from gmesh.discovery.endpoint import (
     parse_address,
 )
 from gmesh.discovery.keys import DEFAULT_PREFIX, MeshKeys
+from gmesh.discovery.lease import LeasedKey
 from gmesh.errors import InvalidArgument, StoreUnavailable
 from gmesh.store.connect import open_store
-from gmesh.store.etcd import EtcdConfig, LeaseKeeper, Store
+from gmesh.store.etcd import EtcdConfig, Store
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,8 @@ class Registration:
         self._health = (health_check, health_service, health_interval)
         self._handle_sigterm = handle_sigterm
         self.endpoint: Endpoint | None = None
-        self.published = False
-        self._lease = 0
-        self._keeper: LeaseKeeper | None = None
+        self._leased: LeasedKey | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._lock = asyncio.Lock()
         self._closed = False
 
     @property
@@ -103,7 +101,8 @@ class Registration:
             self._store = await open_store(self._etcd)
         try:
             self.endpoint = await self._describe()
-            await self._grant()
+            self._leased = LeasedKey(self.store, self.key, self.ttl)
+            await self._leased.open()
             check, _, _ = self._health
             if not check or await self._is_serving():
                 await self.publish()
@@ -146,56 +145,28 @@ class Registration:
             pid=os.getpid(),
         )
 
-    async def _grant(self) -> None:
-        self._lease = await self.store.grant_lease(self.ttl)
-        self._keeper = self.store.keep_alive(self._lease, self.ttl, self._lease_lost)
-
-    def _lease_lost(self) -> None:
-        # etcd forgot the lease (we were cut off longer than the TTL): start over.
-        self._spawn(self._renew())
-
-    async def _renew(self) -> None:
-        async with self._lock:
-            while not self._closed:
-                try:
-                    was_published = self.published
-                    await self._grant()
-                    if was_published:
-                        self.published = False
-                        await self._put()
-                    log.info("%s re-registered under a new lease", self.key)
-                    return
-                except StoreUnavailable as exc:
-                    log.warning("re-registering %s failed (%s); retrying", self.key, exc)
-                    await asyncio.sleep(1.0)
+    @property
+    def published(self) -> bool:
+        return self._leased is not None and self._leased.published
 
     async def publish(self) -> None:
         """Make the endpoint visible (again)."""
-        async with self._lock:
-            await self._put()
-
-    async def _put(self) -> None:
-        assert self.endpoint is not None
-        if not self.published:
-            await self.store.put(self.key, self.endpoint.to_json(), lease=self._lease)
-            self.published = True
+        assert self._leased is not None and self.endpoint is not None
+        await self._leased.put(self.endpoint.to_json())
 
     async def withdraw(self) -> None:
         """Take the endpoint out of discovery but keep the lease (it may come back)."""
-        async with self._lock:
-            if self.published:
-                await self.store.delete(self.key)
-                self.published = False
+        assert self._leased is not None
+        await self._leased.withdraw()
 
     async def update(self, **changes: Any) -> None:
         """Change labels, weight or zone of the live record (e.g. to drain by weight 0)."""
-        async with self._lock:
-            assert self.endpoint is not None
-            if "labels" in changes:
-                changes["labels"] = MappingProxyType(check_labels(changes["labels"]))
-            self.endpoint = replace(self.endpoint, **changes)
-            if self.published:
-                await self.store.put(self.key, self.endpoint.to_json(), lease=self._lease)
+        assert self.endpoint is not None and self._leased is not None
+        if "labels" in changes:
+            changes["labels"] = MappingProxyType(check_labels(changes["labels"]))
+        self.endpoint = replace(self.endpoint, **changes)
+        if self._leased.published:
+            await self._leased.put(self.endpoint.to_json())
 
     async def _is_serving(self) -> bool:
         _, service, interval = self._health
@@ -233,14 +204,8 @@ class Registration:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._keeper is not None:
-            await self._keeper.stop()
-        if self._lease and self._store is not None:
-            try:
-                await self._store.revoke_lease(self._lease, timeout=2.0)
-            except StoreUnavailable as exc:
-                log.warning("could not withdraw %s now (%s); it expires within %ss", self.key, exc, self.ttl)
-        self.published = False
+        if self._leased is not None:
+            await self._leased.close()
 
     async def _close(self) -> None:
         await self.deregister()

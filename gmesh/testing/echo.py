@@ -13,7 +13,7 @@ import base64
 import contextlib
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +32,32 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
         self.name = name
         #: calls received per method name (e.g. "Unary")
         self.calls: dict[str, int] = {}
+        #: time.monotonic() of each call that ended cancelled (by the caller or a proxy)
+        self.cancelled_at: list[float] = []
+        #: calls running now
+        self.active = 0
 
-    def _count(self, method: str) -> None:
+    @contextlib.contextmanager
+    def _call(self, method: str) -> Iterator[None]:
+        """Count the call, and note when it is cancelled: the handler's task is cancelled at
+        an await, or (blocked writing to a slow reader) its write fails when the stream resets."""
         self.calls[method] = self.calls.get(method, 0) + 1
+        self.active += 1
+        try:
+            yield
+        except grpc.aio.AbortError:
+            raise  # ended on purpose with a status (fail_code)
+        except BaseException:
+            self.cancelled_at.append(time.monotonic())
+            raise
+        finally:
+            self.active -= 1
+
+    async def _headers(self, req: Any, context: grpc.aio.ServicerContext) -> None:
+        if req.initial_metadata:
+            await context.send_initial_metadata(tuple(_pairs(req.initial_metadata)))
+        if req.trailing_metadata:
+            context.set_trailing_metadata(tuple(_pairs(req.trailing_metadata)))
 
     def _reply(self, req: Any, context: grpc.aio.ServicerContext, index: int = 0) -> Any:
         remaining = context.time_remaining()
@@ -52,40 +75,52 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
 
     async def _maybe_fail(self, req: Any, context: grpc.aio.ServicerContext) -> None:
         if req.fail_code:
-            await context.abort(status_code(req.fail_code), req.fail_details)
+            trailing = tuple(_pairs(req.trailing_metadata))
+            await context.abort(status_code(req.fail_code), req.fail_details, trailing)
 
     async def Unary(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        self._count("Unary")
-        if request.delay_ms:
-            await asyncio.sleep(request.delay_ms / 1000)
-        await self._maybe_fail(request, context)
-        return self._reply(request, context)
-
-    async def ServerStream(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        self._count("ServerStream")
-        for i in range(max(request.count, 1)):
+        with self._call("Unary"):
+            await self._headers(request, context)
             if request.delay_ms:
                 await asyncio.sleep(request.delay_ms / 1000)
-            yield self._reply(request, context, i)
-        await self._maybe_fail(request, context)
+            await self._maybe_fail(request, context)
+            return self._reply(request, context)
+
+    # Streams write with context.write (not generators), so a cancel always lands in the
+    # handler's own await and is seen at once, even while a slow reader blocks the write.
+    async def ServerStream(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        with self._call("ServerStream"):
+            await self._headers(request, context)
+            for i in range(max(request.count, 1)):
+                if request.delay_ms:
+                    await asyncio.sleep(request.delay_ms / 1000)
+                await context.write(self._reply(request, context, i))
+            await self._maybe_fail(request, context)
 
     async def ClientStream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-        self._count("ClientStream")
-        last, count = echo_pb2.EchoRequest(), 0
-        async for req in request_iterator:
-            last, count = req, count + 1
-        await self._maybe_fail(last, context)
-        return self._reply(last, context, count)
+        with self._call("ClientStream"):
+            last, count = echo_pb2.EchoRequest(), 0
+            async for req in request_iterator:
+                last, count = req, count + 1
+            await self._headers(last, context)
+            await self._maybe_fail(last, context)
+            return self._reply(last, context, count)
 
-    async def Bidi(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        self._count("Bidi")
-        i = 0
-        async for req in request_iterator:
-            if req.delay_ms:
-                await asyncio.sleep(req.delay_ms / 1000)
-            await self._maybe_fail(req, context)
-            yield self._reply(req, context, i)
-            i += 1
+    async def Bidi(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        with self._call("Bidi"):
+            i = 0
+            async for req in request_iterator:
+                if i == 0:
+                    await self._headers(req, context)
+                if req.delay_ms:
+                    await asyncio.sleep(req.delay_ms / 1000)
+                await self._maybe_fail(req, context)
+                await context.write(self._reply(req, context, i))
+                i += 1
+
+
+def _pairs(headers: Any) -> list[tuple[str, str | bytes]]:
+    return [(h.key, h.value if h.key.endswith("-bin") else h.value.decode()) for h in headers]
 
 
 def status_code(value: int) -> grpc.StatusCode:

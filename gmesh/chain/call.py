@@ -1,0 +1,122 @@
+"""`Call`: what one RPC looks like to the filter chain, from the first filter to the forwarder.
+
+One object per RPC, with slots and no per-call containers until a filter asks for one, so
+the hot path allocates as little as it can.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gmesh.discovery.endpoint import Endpoint, MethodKind
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+class Caller:
+    """Who is calling: mesh identity (filled by mTLS, later) and labels of the calling workload."""
+
+    __slots__ = ("identity", "labels", "peer")
+
+    def __init__(self, peer: str = "", identity: str = "", labels: dict[str, str] | None = None) -> None:
+        self.peer = peer
+        self.identity = identity
+        self.labels = labels or {}
+
+
+ANONYMOUS = Caller()
+
+
+class Call:
+    """One RPC in flight.
+
+    `method` is the full path (`/pkg.Service/Method`), `metadata` the request metadata as
+    sent on to the upstream (filters may replace it), `deadline` an absolute
+    `time.monotonic()` value or None, `service` the destination mesh service, `kind` the
+    method kind when known. `endpoint` is set by the balancer; `committed` becomes True
+    once the upstream's response headers reached the caller (no retry after that);
+    `stash` is a dict for filters to share per-call state (created on first use).
+
+    `forward` is the front door's terminal step (proxy relay or in-process channel call);
+    the chain's last handler calls it. `downstream` is what the front door needs for it.
+    """
+
+    __slots__ = (
+        "_stash",
+        "attempts",
+        "caller",
+        "committed",
+        "deadline",
+        "downstream",
+        "endpoint",
+        "forward",
+        "kind",
+        "metadata",
+        "method",
+        "service",
+        "started",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        metadata: Metadata,
+        deadline: float | None,
+        service: str,
+        forward: Callable[[Call], Awaitable[Any]],
+        *,
+        kind: MethodKind | None = None,
+        caller: Caller = ANONYMOUS,
+        downstream: Any = None,
+    ) -> None:
+        self.method = method
+        self.metadata = metadata
+        self.deadline = deadline
+        self.service = service
+        self.forward = forward
+        self.kind = kind
+        self.caller = caller
+        self.downstream = downstream
+        self.endpoint: Endpoint | None = None
+        self.committed = False
+        self.attempts = 0
+        self.started = time.monotonic()
+        self._stash: dict[str, Any] | None = None
+
+    @property
+    def stash(self) -> dict[str, Any]:
+        if self._stash is None:
+            self._stash = {}
+        return self._stash
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the deadline (never negative), or None without a deadline."""
+        if self.deadline is None:
+            return None
+        return max(self.deadline - time.monotonic(), 0.0)
+
+    def upstream_timeout(self) -> float | None:
+        """The timeout to give the next hop, never more than the time left.
+
+        grpc-core sends `grpc-timeout` rounded *up* to three significant digits (10 ms
+        steps from 1 s, 100 ms from 10 s, 1 s from 100 s) after rounding the deadline up
+        to a millisecond; a relay passing its remaining time on as is would extend the
+        caller's deadline by up to one step per hop. So: round down to the step, and take
+        2 ms off for the millisecond rounding.
+        """
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        step = 0.001 if left < 1.0 else 0.01 if left < 10.0 else 0.1 if left < 100.0 else 1.0
+        return max(int(left / step) * step - 0.002, 0.001)
+
+    @property
+    def grpc_service(self) -> str:
+        """`pkg.Service` of `/pkg.Service/Method`."""
+        return self.method[1:].partition("/")[0]
+
+    def __repr__(self) -> str:
+        return f"<Call {self.method} -> {self.service}>"

@@ -1,0 +1,618 @@
+"""`gmesh.aio.channel("gmesh:///orders")`: a `grpc.aio.Channel` that runs the mesh chain in-process.
+
+grpcio has no public resolver API (grpc/grpc#11685), so the `gmesh:///` scheme is a Channel
+implementation: generated stubs use it as they are (they pass `_registered_method`), and
+every call goes through the same compiled chain the proxy runs, picks an endpoint, and is
+made on that endpoint's pooled grpc.aio channel. No proxy hop.
+
+Channels of one process and event loop share one catalog (one etcd watch) per etcd and
+mesh prefix; each channel has its own endpoint pool (its options, credentials,
+interceptors). Unary calls run in the caller's task when awaited directly (no extra task:
+the cheapest path); streaming calls run the chain in a task next to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from gmesh.chain.call import Call
+from gmesh.channel.endpoint import EndpointPool
+from gmesh.channel.outbound import Outbound
+from gmesh.channel.status import StatusWatch
+from gmesh.discovery.catalog import Catalog
+from gmesh.discovery.endpoint import check_service_name
+from gmesh.discovery.keys import DEFAULT_PREFIX, MeshKeys
+from gmesh.errors import CallError, InvalidArgument
+from gmesh.store.connect import resolve_etcd
+from gmesh.store.etcd import EtcdConfig, Store
+
+SCHEME = "gmesh:///"
+_UNSET: Any = object()
+
+
+def parse_target(target: str) -> str:
+    """`gmesh:///orders` -> `orders`."""
+    if not target.startswith(SCHEME):
+        raise InvalidArgument(f"target {target!r}: expected gmesh:///SERVICE, e.g. gmesh:///orders")
+    return check_service_name(target[len(SCHEME) :].strip("/"))
+
+
+# --------------------------------------------------------------------------- shared catalogs
+
+
+@dataclass
+class _Shared:
+    store: Store
+    catalog: Catalog
+    users: int = 0
+    ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+_SHARED: dict[tuple[int, str, str], _Shared] = {}
+
+
+async def _acquire(etcd: EtcdConfig, keys: MeshKeys) -> _Shared:
+    from gmesh.pluginmanager import Plugins
+
+    key = (id(asyncio.get_running_loop()), etcd.describe(), keys.prefix)
+    shared = _SHARED.get(key)
+    if shared is None:
+        store = await Store.connect(etcd)
+        shared = _Shared(store, Catalog(store, keys, Plugins.load().config_kinds()))
+        _SHARED[key] = shared
+        try:
+            await shared.catalog.start()
+        finally:
+            shared.ready.set_result(None)
+    else:
+        await shared.ready
+    shared.users += 1
+    return shared
+
+
+async def _release(shared: _Shared) -> None:
+    shared.users -= 1
+    if shared.users == 0:
+        for key, value in list(_SHARED.items()):
+            if value is shared:
+                del _SHARED[key]
+        await shared.catalog.close()
+        await shared.store.close()
+
+
+# --------------------------------------------------------------------------- the channel
+
+
+class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
+    """A `grpc.aio.Channel` to one mesh service. Create with `gmesh.aio.channel(...)`."""
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        etcd: str | EtcdConfig | None = None,
+        prefix: str | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
+        interceptors: Sequence[Any] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.service = service
+        self._etcd = etcd
+        self._keys = MeshKeys(prefix or os.environ.get("GMESH_PREFIX") or DEFAULT_PREFIX)
+        self._pool = EndpointPool(extra_options=options, interceptors=interceptors, credentials=credentials)
+        self._outbound: Outbound | None = None
+        self._shared: _Shared | None = None
+        self._starting: asyncio.Task[Outbound] | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def _start(self) -> Outbound:
+        from gmesh.pluginmanager import Plugins
+
+        config = self._etcd if isinstance(self._etcd, EtcdConfig) else await resolve_etcd(self._etcd)
+        self._shared = await _acquire(config, self._keys)
+        self._outbound = Outbound(self._shared.catalog, Plugins.load().filter_factories(), pool=self._pool)
+        return self._outbound
+
+    def _outbound_or_start(self) -> Outbound | asyncio.Task[Outbound]:
+        if self._outbound is not None:
+            return self._outbound
+        if self._closed:
+            raise grpc.aio.UsageError("Channel is closed.")
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_task(self._start())
+        return self._starting
+
+    async def outbound(self) -> Outbound:
+        """The started outbound stack (starts it: connects to etcd, loads the snapshot)."""
+        found = self._outbound_or_start()
+        return found if isinstance(found, Outbound) else await asyncio.shield(found)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close every endpoint channel (calls in flight get `grace` seconds) and release the catalog."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._starting
+        if self._outbound is not None:
+            await self._outbound.close(grace)
+        else:
+            await self._pool.close(grace)
+        if self._shared is not None:
+            await _release(self._shared)
+            self._shared = None
+
+    async def __aenter__(self) -> MeshChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close(None)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        """READY when any endpoint channel is READY; else the most hopeful state among them."""
+        if self._outbound is None:
+            if try_to_connect and not self._closed:
+                self._outbound_or_start()
+            return grpc.ChannelConnectivity.IDLE
+        states = [c.channel.get_state(try_to_connect) for c in self._pool.conns()]
+        for state in (
+            grpc.ChannelConnectivity.READY,
+            grpc.ChannelConnectivity.CONNECTING,
+            grpc.ChannelConnectivity.IDLE,
+        ):
+            if state in states:
+                return state
+        return grpc.ChannelConnectivity.TRANSIENT_FAILURE if states else grpc.ChannelConnectivity.IDLE
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self.outbound()
+        while self.get_state() == last_observed_state:
+            conns = self._pool.conns()
+            waits = [
+                asyncio.ensure_future(c.channel.wait_for_state_change(c.channel.get_state())) for c in conns
+            ]
+            changed = asyncio.ensure_future(self._outbound_changed())
+            _, pending = await asyncio.wait([*waits, changed], return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+
+    async def _outbound_changed(self) -> None:
+        assert self._outbound is not None
+        catalog = self._outbound.catalog
+        revision = catalog.snapshot.revision
+        with contextlib.suppress(TimeoutError):
+            await catalog.wait_for(lambda s: s.revision != revision, timeout=3600)
+
+    async def channel_ready(self) -> None:
+        state = self.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.READY:
+            await self.wait_for_state_change(state)
+            state = self.get_state(try_to_connect=True)
+
+    # -- multicallables ----------------------------------------------------------------
+
+    def unary_unary(
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> _UnaryUnary:  # fmt: skip
+        return _UnaryUnary(self, method, request_serializer, response_deserializer)
+
+    def unary_stream(
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> _Streaming:  # fmt: skip
+        return _Streaming(self, method, request_serializer, response_deserializer, "us")
+
+    def stream_unary(
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> _Streaming:  # fmt: skip
+        return _Streaming(self, method, request_serializer, response_deserializer, "su")
+
+    def stream_stream(
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> _Streaming:  # fmt: skip
+        return _Streaming(self, method, request_serializer, response_deserializer, "ss")
+
+
+def channel(
+    target: str,
+    *,
+    etcd: str | EtcdConfig | None = None,
+    options: Sequence[tuple[str, Any]] | None = None,
+    interceptors: Sequence[Any] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    prefix: str | None = None,
+) -> MeshChannel:
+    """A `grpc.aio.Channel` to the mesh service in `target` (`gmesh:///orders`).
+
+    `etcd`: URLs (default `GMESH_ETCD`, else the embedded etcd); `options`, `interceptors`,
+    `credentials`: as for `grpc.aio.secure_channel`, applied to every endpoint channel;
+    `prefix`: the mesh's key prefix (default `GMESH_PREFIX` or `/gmesh/v1/`). The channel
+    connects on first use; `await channel.close()` releases everything.
+    """
+    return MeshChannel(
+        parse_target(target),
+        etcd=etcd,
+        prefix=prefix,
+        options=options,
+        interceptors=interceptors,
+        credentials=credentials,
+    )
+
+
+# --------------------------------------------------------------------------- calls
+
+
+def _to_rpc_error(exc: CallError) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        exc.status,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(*exc.trailing_metadata),
+        exc.details,
+    )
+
+
+def _make_call(
+    mesh: MeshChannel, outbound: Outbound, method: str, timeout: float | None, metadata: Any, forward: Any,
+    downstream: Any,
+) -> tuple[Call, Any]:  # fmt: skip
+    service = mesh.service
+    chain = outbound.state.chain(service)
+    if chain is None:
+        raise CallError(grpc.StatusCode.UNAVAILABLE, f"gmesh: no mesh service {service!r}")
+    if timeout is None:
+        resource = outbound.state.snapshot.resource("Service", service)
+        timeout = getattr(resource.spec, "timeout", None) if resource is not None else None
+    call = Call(
+        method,
+        tuple(metadata) if metadata else (),
+        None if timeout is None else time.monotonic() + timeout,
+        service,
+        forward,
+        downstream=downstream,
+    )
+    return call, chain.handler
+
+
+class _UnaryUnary:
+    __slots__ = ("_deser", "_mesh", "_method", "_ser")
+
+    def __init__(self, mesh: MeshChannel, method: str, ser: Any, deser: Any) -> None:
+        self._mesh, self._method, self._ser, self._deser = mesh, method, ser, deser
+
+    def __call__(
+        self, request: Any, *, timeout: float | None = None, metadata: Any = None,
+        credentials: Any = None, wait_for_ready: bool | None = None, compression: Any = None,
+    ) -> UnaryUnaryCall:  # fmt: skip
+        return UnaryUnaryCall(self, request, timeout, metadata, (credentials, wait_for_ready, compression))
+
+
+async def _forward_unary(call: Call) -> Any:
+    meshcall, request = call.downstream
+    assert call.endpoint is not None
+    mc = meshcall._multi._mesh._pool.get(call.endpoint.address).unary_unary(
+        call.method, meshcall._multi._ser, meshcall._multi._deser
+    )
+    credentials, wait_for_ready, compression = meshcall._extra
+    upstream = mc(
+        request,
+        timeout=call.upstream_timeout(),
+        metadata=call.metadata or None,
+        credentials=credentials,
+        wait_for_ready=wait_for_ready,
+        compression=compression,
+    )
+    meshcall._upstream = upstream
+    if meshcall._cancelled:
+        upstream.cancel()
+    result = await upstream
+    call.committed = True
+    return result
+
+
+class UnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
+    """A unary call on a MeshChannel. Awaited at once, it runs in the awaiting task (no extra
+    task: the cheapest path); otherwise in a task of its own. Status accessors wait for it."""
+
+    def __init__(
+        self, multi: _UnaryUnary, request: Any, timeout: float | None, metadata: Any, extra: Any
+    ) -> None:
+        self._multi, self._request, self._timeout, self._metadata, self._extra = (
+            multi,
+            request,
+            timeout,
+            metadata,
+            extra,
+        )
+        self._upstream: Any = None
+        self._error: grpc.aio.AioRpcError | None = None
+        self._result: Any = _UNSET
+        self._cancelled = False
+        self._started = False
+        self._task: asyncio.Task[Any] | None = None
+        loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[None] = loop.create_future()
+        self._callbacks: list[Any] = []
+        # Like grpc.aio, the call starts without being awaited: if the caller does not
+        # await it right away (the usual `await stub.M(req)` runs it inline, in the
+        # caller's task), it starts in a task of its own on the next loop turn.
+        loop.call_soon(self._ensure_started)
+
+    async def _run(self) -> Any:
+        self._started = True
+        try:
+            found = self._multi._mesh._outbound_or_start()
+            outbound = found if isinstance(found, Outbound) else await asyncio.shield(found)
+            multi = self._multi
+            call, handler = _make_call(
+                multi._mesh, outbound, multi._method, self._timeout, self._metadata, _forward_unary,
+                (self, self._request),
+            )  # fmt: skip
+            self._result = await handler(call)
+            return self._result
+        except CallError as exc:
+            self._error = _to_rpc_error(exc)
+            raise self._error from None
+        except grpc.aio.AioRpcError as exc:
+            self._error = exc
+            raise
+        except asyncio.CancelledError:
+            self._cancelled = True
+            if self._upstream is not None:
+                self._upstream.cancel()
+            raise
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+            for callback in self._callbacks:
+                callback(self)
+
+    def _ensure_started(self) -> None:
+        if not self._started:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieve, never log
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if not self._started:
+            return (yield from self._run().__await__())
+        if self._task is not None:
+            return (yield from self._task.__await__())
+        yield from asyncio.shield(self._done).__await__()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    async def _status(self) -> Any:
+        self._ensure_started()
+        await asyncio.shield(self._done)
+        return self._error
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        error = await self._status()
+        if error is not None:
+            return error.initial_metadata()
+        return await self._upstream.initial_metadata()
+
+    async def trailing_metadata(self) -> grpc.aio.Metadata:
+        error = await self._status()
+        if error is not None:
+            return error.trailing_metadata()
+        return await self._upstream.trailing_metadata()
+
+    async def code(self) -> grpc.StatusCode:
+        error = await self._status()
+        if self._cancelled and error is None and self._result is _UNSET:
+            return grpc.StatusCode.CANCELLED
+        return error.code() if error is not None else grpc.StatusCode.OK
+
+    async def details(self) -> str:
+        error = await self._status()
+        return (error.details() or "") if error is not None else ""
+
+    async def wait_for_connection(self) -> None:
+        self._ensure_started()
+        await asyncio.shield(self._done)
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def done(self) -> bool:
+        return self._done.done()
+
+    def time_remaining(self) -> float | None:
+        return self._upstream.time_remaining() if self._upstream is not None else self._timeout
+
+    def cancel(self) -> bool:
+        if self.done():
+            return False
+        self._cancelled = True
+        if self._upstream is not None:
+            return bool(self._upstream.cancel())
+        if self._task is not None:
+            return self._task.cancel()
+        return True
+
+    def add_done_callback(self, callback: Any) -> None:
+        if self.done():
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+
+class _Streaming:
+    __slots__ = ("_deser", "_kind", "_mesh", "_method", "_ser")
+
+    def __init__(self, mesh: MeshChannel, method: str, ser: Any, deser: Any, kind: str) -> None:
+        self._mesh, self._method, self._ser, self._deser, self._kind = mesh, method, ser, deser, kind
+
+    def __call__(
+        self, request: Any = None, *, timeout: float | None = None, metadata: Any = None,
+        credentials: Any = None, wait_for_ready: bool | None = None, compression: Any = None,
+    ) -> StreamingCall:  # fmt: skip
+        return StreamingCall(self, request, timeout, metadata, (credentials, wait_for_ready, compression))
+
+
+async def _forward_streaming(call: Call) -> Any:
+    meshcall, request = call.downstream
+    multi: _Streaming = meshcall._multi
+    assert call.endpoint is not None
+    conn = multi._mesh._pool.get(call.endpoint.address)
+    factory = {"us": conn.unary_stream, "su": conn.stream_unary, "ss": conn.stream_stream}[multi._kind]
+    credentials, wait_for_ready, compression = meshcall._extra
+    args = () if request is None and multi._kind != "us" else (request,)
+    upstream = factory(call.method, multi._ser, multi._deser)(
+        *args,
+        timeout=call.upstream_timeout(),
+        metadata=call.metadata or None,
+        credentials=credentials,
+        wait_for_ready=wait_for_ready,
+        compression=compression,
+    )
+    meshcall._watch = StatusWatch(upstream)
+    meshcall._upstream.set_result(upstream)
+    # The chain (its filters' timing, retries...) spans the whole stream: wait for its end.
+    await upstream.code()
+    call.committed = True
+    return None
+
+
+class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
+    """A streaming call on a MeshChannel (any of unary-stream, stream-unary, stream-stream).
+
+    The chain runs in a task; once it has picked an endpoint, reads, writes and statuses go
+    to the upstream call made there. Statuses come through `StatusWatch`, so a write that
+    raced the server's end does not turn its status into INTERNAL.
+    """
+
+    def __init__(
+        self, multi: _Streaming, request: Any, timeout: float | None, metadata: Any, extra: Any
+    ) -> None:
+        self._multi, self._extra = multi, extra
+        loop = asyncio.get_running_loop()
+        self._upstream: asyncio.Future[Any] = loop.create_future()
+        self._watch: StatusWatch | None = None
+        self._error: grpc.aio.AioRpcError | None = None
+        self._task = loop.create_task(self._run(request, timeout, metadata))
+
+    async def _run(self, request: Any, timeout: float | None, metadata: Any) -> None:
+        try:
+            found = self._multi._mesh._outbound_or_start()
+            outbound = found if isinstance(found, Outbound) else await asyncio.shield(found)
+            call, handler = _make_call(
+                self._multi._mesh, outbound, self._multi._method, timeout, metadata, _forward_streaming,
+                (self, request),
+            )  # fmt: skip
+            await handler(call)
+        except CallError as exc:
+            self._fail(_to_rpc_error(exc))
+        except grpc.aio.AioRpcError as exc:
+            self._fail(exc)
+        except asyncio.CancelledError:
+            if self._upstream.done():
+                self._upstream.result().cancel()
+            else:
+                self._upstream.cancel()
+            raise
+
+    def _fail(self, error: grpc.aio.AioRpcError) -> None:
+        self._error = error
+        if not self._upstream.done():
+            self._upstream.set_exception(error)
+
+    async def _up(self) -> Any:
+        return await asyncio.shield(self._upstream)
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        upstream = await self._up()
+        async for message in upstream:
+            yield message
+
+    async def read(self) -> Any:
+        return await (await self._up()).read()
+
+    async def write(self, request: Any) -> None:
+        await (await self._up()).write(request)
+
+    async def done_writing(self) -> None:
+        await (await self._up()).done_writing()
+
+    def __await__(self) -> Generator[Any, None, Any]:  # stream-unary
+        upstream = yield from self._up().__await__()
+        return (yield from upstream.__await__())
+
+    async def _final(self) -> tuple[grpc.StatusCode, str, Any]:
+        try:
+            await self._up()
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details() or "", exc.trailing_metadata()
+        assert self._watch is not None
+        code, details, trailing = await self._watch.final()
+        return (
+            code,
+            details,
+            grpc.aio.Metadata(*trailing) if not isinstance(trailing, grpc.aio.Metadata) else trailing,
+        )
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        try:
+            upstream = await self._up()
+        except grpc.aio.AioRpcError as exc:
+            return exc.initial_metadata()
+        return await upstream.initial_metadata()
+
+    async def trailing_metadata(self) -> grpc.aio.Metadata:
+        return (await self._final())[2]
+
+    async def code(self) -> grpc.StatusCode:
+        return (await self._final())[0]
+
+    async def details(self) -> str:
+        return (await self._final())[1]
+
+    async def wait_for_connection(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await (await self._up()).wait_for_connection()
+
+    def cancelled(self) -> bool:
+        if self._upstream.done() and not self._upstream.cancelled() and self._upstream.exception() is None:
+            return bool(self._upstream.result().cancelled())
+        return self._task.cancelled()
+
+    def done(self) -> bool:
+        if self._upstream.done() and not self._upstream.cancelled() and self._upstream.exception() is None:
+            return bool(self._upstream.result().done())
+        return self._task.done()
+
+    def time_remaining(self) -> float | None:
+        if self._upstream.done() and not self._upstream.cancelled() and self._upstream.exception() is None:
+            return self._upstream.result().time_remaining()  # type: ignore[no-any-return]
+        return None
+
+    def cancel(self) -> bool:
+        if self._upstream.done() and not self._upstream.cancelled() and self._upstream.exception() is None:
+            return bool(self._upstream.result().cancel())
+        return self._task.cancel()
+
+    def add_done_callback(self, callback: Any) -> None:
+        self._task.add_done_callback(lambda _t: callback(self))

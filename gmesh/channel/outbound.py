@@ -1,0 +1,89 @@
+"""The outbound stack shared by both front doors: snapshot -> compiled chains + endpoint channels.
+
+    logical   destination service -> its chain (route filters pick the backend)
+    concrete  the balance filter's picker over the backend's endpoints
+    endpoint  one pooled grpc.aio channel per endpoint address
+
+`Outbound` follows a catalog; every change compiles a new `OutboundState` (chains and the
+method-kind index) and swaps one reference. The proxy and `gmesh.aio.channel` only add
+their own forwarder (how messages cross to and from the caller).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from gmesh.chain.compose import ChainTable, ServiceChain, build_table
+from gmesh.chain.filter import FilterFactory
+from gmesh.channel.endpoint import EndpointPool
+from gmesh.discovery.catalog import Catalog, MeshSnapshot
+from gmesh.discovery.endpoint import MethodKind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundState:
+    """Everything the data path reads per call, for one snapshot. Immutable."""
+
+    snapshot: MeshSnapshot
+    table: ChainTable
+    #: method path -> kind, learned from endpoints' reflection (for the proxy's unary fast path)
+    method_kinds: Mapping[str, MethodKind] = field(default_factory=lambda: MappingProxyType({}))
+    built_at: float = 0.0
+
+    def chain(self, service: str) -> ServiceChain | None:
+        return self.table.chains.get(service)
+
+
+class Outbound:
+    """Compiles chains from a catalog's snapshots and keeps the endpoint pool in step."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        factories: Sequence[FilterFactory],
+        *,
+        pool: EndpointPool | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.factories = tuple(factories)
+        self.pool = pool or EndpointPool()
+        self.state = OutboundState(MeshSnapshot(), ChainTable(0))
+        self._listeners: list[Callable[[OutboundState], None]] = []
+        self._unsubscribe = catalog.subscribe(self._on_snapshot)
+        if catalog.snapshot.source != "empty":
+            self._on_snapshot(catalog.snapshot)
+
+    def on_change(self, listener: Callable[[OutboundState], None]) -> None:
+        """Call `listener(state)` after each swap (the proxy republishes its record)."""
+        self._listeners.append(listener)
+
+    def _on_snapshot(self, snapshot: MeshSnapshot) -> None:
+        started = time.perf_counter()
+        table = build_table(snapshot, self.factories)
+        kinds: dict[str, MethodKind] = {}
+        for endpoints in snapshot.endpoints.values():
+            for ep in endpoints:
+                kinds.update(ep.methods)
+        self.state = OutboundState(snapshot, table, MappingProxyType(kinds), time.time())
+        self.pool.sync(ep.address for eps in snapshot.endpoints.values() for ep in eps)
+        log.debug(
+            "compiled %d chains for revision %d in %.2f ms",
+            len(table.chains),
+            snapshot.revision,
+            (time.perf_counter() - started) * 1000,
+        )
+        for listener in list(self._listeners):
+            try:
+                listener(self.state)
+            except Exception:
+                log.exception("outbound listener %r failed", listener)
+
+    async def close(self, grace: float | None = None) -> None:
+        self._unsubscribe()
+        await self.pool.close(grace)

@@ -1,0 +1,147 @@
+"""`gmesh proxy`: the standalone proxy, and `gmesh get proxies` support."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+
+import click
+
+from gmesh.cli.common import DURATION, MeshTarget, age, mesh_options, run, table
+from gmesh.discovery.endpoint import parse_address
+from gmesh.errors import InvalidArgument
+from gmesh.store.connect import resolve_etcd
+from gmesh.store.embedded import data_dir
+
+_SIZE = re.compile(r"^(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?$", re.IGNORECASE)
+_UNITS = {"b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise InvalidArgument(f"size {text!r}: expected a number with an optional unit, e.g. 16MiB")
+    return int(match.group(1)) * _UNITS[(match.group(2) or "b").lower()]
+
+
+@click.command()
+@click.option("--listen", "-l", default="127.0.0.1:15001", show_default=True, help="HOST:PORT for calls")
+@click.option(
+    "--admin",
+    default="127.0.0.1:15000",
+    show_default=True,
+    help="HOST:PORT for health, reflection and config dump ('' to disable)",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="processes sharing the listen port (SO_REUSEPORT)",
+)
+@click.option(
+    "--drain-timeout",
+    type=DURATION,
+    default="30s",
+    show_default=True,
+    help="on SIGTERM, how long calls in flight may finish before they are cancelled",
+)
+@click.option(
+    "--max-message-size",
+    default="4MiB",
+    show_default=True,
+    help="largest message accepted or forwarded, e.g. 16MiB",
+)
+@click.option(
+    "--snapshot-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="where to persist the last snapshot, so a restart without etcd still serves "
+    "[default: in the gmesh data dir, per listen port]",
+)
+@click.option(
+    "--worker-index",
+    type=int,
+    default=None,
+    hidden=True,
+    help="set by --workers for each worker process it starts",
+)
+@mesh_options
+def proxy(
+    target: MeshTarget,
+    listen: str,
+    admin: str,
+    workers: int,
+    drain_timeout: float,
+    max_message_size: str,
+    snapshot_file: str | None,
+    worker_index: int | None,
+) -> None:
+    """Run the standalone proxy: any gRPC method, routed to mesh services, raw bytes.
+
+    A call's destination is the mesh service named by its x-gmesh-service header, else
+    the one whose endpoints serve the gRPC service of its method path. Metadata,
+    deadlines, cancellation, status and trailers pass through unchanged. SIGTERM
+    drains: no new calls, calls in flight get --drain-timeout.
+    """
+    from pathlib import Path
+
+    from gmesh.proxy.run import ProxySettings, serve, supervise
+
+    parse_address(listen)
+    if admin:
+        parse_address(admin)
+    max_bytes = parse_size(max_message_size)
+    if workers > 1 and worker_index is None:
+        argv = [a for a in sys.argv[1:]]
+        raise SystemExit(supervise(argv, workers))
+    port = listen.rpartition(":")[2]
+    index = worker_index or 0
+    snapshot = Path(snapshot_file) if snapshot_file else data_dir() / "snapshots" / f"proxy-{port}.json"
+
+    async def go() -> None:
+        etcd = await resolve_etcd(target.etcd, **target.options)
+        settings = ProxySettings(
+            listen=listen,
+            admin=admin or None,
+            etcd=etcd,
+            keys=target.keys,
+            drain_timeout=drain_timeout,
+            max_message_bytes=max_bytes,
+            snapshot_file=snapshot,
+            worker=index,
+            workers=workers,
+        )
+
+        def announce(p: object) -> None:
+            from gmesh.proxy.run import RunningProxy
+
+            assert isinstance(p, RunningProxy)
+            info = p.info()
+            click.echo(
+                f"gmesh proxy listening on {info['address']} (admin {info['admin'] or 'off'}, "
+                f"worker {index}, pid {info['pid']}), "
+                f"serving revision {info['revision']} from {info['source']}",
+                err=True,
+            )
+
+        await serve(settings, announce=announce)
+
+    run(go())
+
+
+def proxies_table(records: list[dict[str, object]]) -> str:
+    now = time.time()
+    rows = [
+        [
+            str(r.get("id", "?")),
+            str(r.get("address", "?")),
+            str(r.get("admin", "") or "-"),
+            str(r.get("revision", "?")),
+            str(r.get("pid", "?")),
+            age(now - float(r.get("startedAt", now))),  # type: ignore[arg-type]
+        ]
+        for r in records
+    ]
+    return table(["ID", "ADDRESS", "ADMIN", "REVISION", "PID", "AGE"], rows)

@@ -1,0 +1,99 @@
+"""The proxy's admin port: `grpc.health.v1` (SERVING once a snapshot is loaded), server
+reflection of its own services, and `gmesh.v1.Admin/ConfigDump`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gmesh.channel.outbound import Outbound
+from gmesh.v1 import admin_pb2, admin_pb2_grpc
+
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+
+
+def config_dump(outbound: Outbound, proxy: dict[str, Any], only: str = "") -> dict[str, Any]:
+    """What this proxy serves now: revision, connection to etcd, services, endpoints, chains."""
+    state = outbound.state
+    snapshot = state.snapshot
+    services = {}
+    for name in snapshot.services():
+        if only and name != only:
+            continue
+        chain = state.chain(name)
+        services[name] = {
+            "endpoints": [
+                {"address": e.address, "labels": dict(e.labels), "weight": e.weight, "zone": e.zone}
+                for e in snapshot.endpoints_of(name)
+            ],
+            "grpcServices": sorted({g for e in snapshot.endpoints_of(name) for g in e.grpc_services}),
+            "chain": list(chain.filters) if chain else [],
+            "config": {
+                kind: resources[name].document()["spec"]
+                for kind, resources in snapshot.resources.items()
+                if name in resources
+            },
+        }
+    return {
+        "revision": snapshot.revision,
+        "source": snapshot.source,
+        "connected": outbound.catalog.connected,
+        "lastError": outbound.catalog.last_error,
+        "chainRevision": state.table.revision,
+        "proxy": proxy,
+        "services": services,
+    }
+
+
+class _Admin(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
+    def __init__(self, dump: Callable[[str], dict[str, Any]]) -> None:
+        self._dump = dump
+
+    async def ConfigDump(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return admin_pb2.ConfigDumpResponse(json=json.dumps(self._dump(request.service), indent=2))
+
+
+class AdminServer:
+    """Health, reflection and config dump on their own port, apart from proxied traffic."""
+
+    def __init__(self, outbound: Outbound, listen: str, proxy_info: Callable[[], dict[str, Any]]) -> None:
+        self.outbound = outbound
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        admin_pb2_grpc.add_AdminServicer_to_server(
+            _Admin(lambda only: config_dump(outbound, proxy_info(), only)), self.server
+        )
+        reflection.enable_server_reflection(
+            (ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        port = self.server.add_insecure_port(listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {listen}")
+        self.address = f"{listen.rpartition(':')[0]}:{port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.set_serving(False)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+        await self.health.set(ADMIN_SERVICE, status)
+
+    async def stop(self) -> None:
+        await self.server.stop(None)
+
+
+def default_proxy_id(listen: str, worker: int) -> str:
+    return f"{socket.gethostname()}:{listen.rpartition(':')[2]}#{worker}.{os.getpid()}"

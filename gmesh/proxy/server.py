@@ -1,0 +1,165 @@
+"""The inbound side of `gmesh proxy`: accept any method on a grpc.aio server, find the
+destination service, run its chain, and relay raw bytes (see `relay`).
+
+Destination of a call, in order:
+1. the `x-gmesh-service` request header, when it names a mesh service;
+2. the mesh service whose endpoints registered the gRPC service of the method path
+   (`/orders.v1.Orders/Get` -> whoever serves `orders.v1.Orders`).
+(The HTTP/2 `:authority` would come first, but grpc-python's server does not expose it:
+grpc/grpc#38906. It slots in here when it does.)
+
+Not found: UNIMPLEMENTED naming the gRPC service; found but no endpoints: UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from gmesh.chain.call import Call, Caller
+from gmesh.channel.outbound import Outbound, OutboundState
+from gmesh.discovery.endpoint import MethodKind
+from gmesh.errors import CallError
+from gmesh.proxy.relay import forward_stream, forward_unary, forwardable
+
+log = logging.getLogger(__name__)
+
+SERVICE_HEADER = "x-gmesh-service"
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 1),  # --workers: several processes share the port
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class _Route:
+    """The prepared handler of one method for one outbound state."""
+
+    __slots__ = ("handler", "state")
+
+    def __init__(self, state: OutboundState, handler: grpc.RpcMethodHandler) -> None:
+        self.state = state
+        self.handler = handler
+
+
+class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Resolves every incoming method to a prepared handler (cached per method and state)."""
+
+    def __init__(self, outbound: Outbound) -> None:
+        self.outbound = outbound
+        self._routes: dict[str, _Route] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        state = self.outbound.state
+        route = self._routes.get(method)
+        if route is not None and route.state is state:
+            return route.handler
+        grpc_service = method[1:].partition("/")[0]
+        services = state.snapshot.grpc_services.get(grpc_service, ())
+        default = services[0] if len(services) == 1 else None
+        ambiguous = services if len(services) > 1 else ()
+        kind = state.method_kinds.get(method)
+        handler = self._make(method, default, ambiguous, kind)
+        if services:  # never cache made-up method names: the cache would grow without bound
+            self._routes[method] = _Route(state, handler)
+        return handler
+
+    def _make(
+        self, method: str, default: str | None, ambiguous: tuple[str, ...], kind: MethodKind | None
+    ) -> grpc.RpcMethodHandler:
+        outbound = self.outbound
+        grpc_service = method[1:].partition("/")[0]
+
+        def destination(metadata: Any) -> str:
+            for key, value in metadata:
+                if key == SERVICE_HEADER:
+                    return str(value)
+            if default is not None:
+                return default
+            if ambiguous:
+                raise CallError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"gmesh: gRPC service {grpc_service!r} is served by mesh services "
+                    f"{', '.join(ambiguous)}; say which with the {SERVICE_HEADER} header",
+                )
+            raise CallError(
+                grpc.StatusCode.UNIMPLEMENTED, f"gmesh: no mesh service serves gRPC service {grpc_service!r}"
+            )
+
+        def prepare(context: grpc.aio.ServicerContext, forward: Callable[[Call], Any], payload: Any) -> Any:
+            metadata = context.invocation_metadata() or ()
+            service = destination(metadata)
+            chain = outbound.state.chain(service)
+            if chain is None:
+                raise CallError(grpc.StatusCode.UNAVAILABLE, f"gmesh: no mesh service {service!r}")
+            remaining = context.time_remaining()
+            timeout = _default_timeout(outbound.state, service) if remaining is None else remaining
+            call = Call(
+                method,
+                forwardable(metadata),
+                None if timeout is None else time.monotonic() + timeout,
+                service,
+                forward,
+                kind=kind,
+                caller=Caller(peer=context.peer()),
+                downstream=(context, payload, outbound.pool),
+            )
+            return chain.handler(call)
+
+        if kind is MethodKind.UNARY:
+
+            async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
+                try:
+                    result: bytes = await prepare(context, forward_unary, request)
+                    return result
+                except CallError as exc:
+                    await context.abort(exc.status, exc.details, exc.trailing_metadata)
+                    return None
+
+            return grpc.unary_unary_rpc_method_handler(unary)
+
+        async def stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+            try:
+                await prepare(context, forward_stream, requests)
+            except CallError as exc:
+                await context.abort(exc.status, exc.details, exc.trailing_metadata)
+
+        return grpc.stream_stream_rpc_method_handler(stream)
+
+
+def _default_timeout(state: OutboundState, service: str) -> float | None:
+    resource = state.snapshot.resource("Service", service)
+    return getattr(resource.spec, "timeout", None) if resource is not None else None
+
+
+class ProxyServer:
+    """The listening side: a grpc.aio server whose only handler is `Inbound`."""
+
+    def __init__(self, outbound: Outbound, listen: str, *, max_message_bytes: int) -> None:
+        self.outbound = outbound
+        self.listen = listen
+        self.server = grpc.aio.server(options=server_options(max_message_bytes))
+        self.server.add_generic_rpc_handlers([Inbound(outbound)])
+        port = self.server.add_insecure_port(listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {listen}")
+        self.address = f"{listen.rpartition(':')[0]}:{port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop accepting calls; calls in flight get `grace` seconds, then are cancelled."""
+        await self.server.stop(grace)
