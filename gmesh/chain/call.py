@@ -7,7 +7,7 @@ the hot path allocates as little as it can.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ class Call:
 
     `forward` is the front door's terminal step (proxy relay or in-process channel call);
     the chain's last handler calls it. `downstream` is what the front door needs for it.
+    `down` holds the addresses whose connection is failing right now (balancers skip them).
     """
 
     __slots__ = (
@@ -50,6 +51,7 @@ class Call:
         "caller",
         "committed",
         "deadline",
+        "down",
         "downstream",
         "endpoint",
         "forward",
@@ -71,6 +73,7 @@ class Call:
         kind: MethodKind | None = None,
         caller: Caller = ANONYMOUS,
         downstream: Any = None,
+        down: Container[str] = frozenset(),
     ) -> None:
         self.method = method
         self.metadata = metadata
@@ -80,6 +83,7 @@ class Call:
         self.kind = kind
         self.caller = caller
         self.downstream = downstream
+        self.down = down
         self.endpoint: Endpoint | None = None
         self.committed = False
         self.attempts = 0

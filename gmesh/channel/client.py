@@ -18,22 +18,21 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Generator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import grpc.aio
 
 from gmesh.chain.call import Call
+from gmesh.channel import runtime
 from gmesh.channel.endpoint import EndpointPool
 from gmesh.channel.outbound import Outbound
 from gmesh.channel.status import StatusWatch
-from gmesh.discovery.catalog import Catalog
 from gmesh.discovery.endpoint import check_service_name
 from gmesh.discovery.keys import DEFAULT_PREFIX, MeshKeys
 from gmesh.errors import CallError, InvalidArgument
 from gmesh.store.connect import resolve_etcd
-from gmesh.store.etcd import EtcdConfig, Store
+from gmesh.store.etcd import EtcdConfig
 
 SCHEME = "gmesh:///"
 _UNSET: Any = object()
@@ -44,49 +43,6 @@ def parse_target(target: str) -> str:
     if not target.startswith(SCHEME):
         raise InvalidArgument(f"target {target!r}: expected gmesh:///SERVICE, e.g. gmesh:///orders")
     return check_service_name(target[len(SCHEME) :].strip("/"))
-
-
-# --------------------------------------------------------------------------- shared catalogs
-
-
-@dataclass
-class _Shared:
-    store: Store
-    catalog: Catalog
-    users: int = 0
-    ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
-_SHARED: dict[tuple[int, str, str], _Shared] = {}
-
-
-async def _acquire(etcd: EtcdConfig, keys: MeshKeys) -> _Shared:
-    from gmesh.pluginmanager import Plugins
-
-    key = (id(asyncio.get_running_loop()), etcd.describe(), keys.prefix)
-    shared = _SHARED.get(key)
-    if shared is None:
-        store = await Store.connect(etcd)
-        shared = _Shared(store, Catalog(store, keys, Plugins.load().config_kinds()))
-        _SHARED[key] = shared
-        try:
-            await shared.catalog.start()
-        finally:
-            shared.ready.set_result(None)
-    else:
-        await shared.ready
-    shared.users += 1
-    return shared
-
-
-async def _release(shared: _Shared) -> None:
-    shared.users -= 1
-    if shared.users == 0:
-        for key, value in list(_SHARED.items()):
-            if value is shared:
-                del _SHARED[key]
-        await shared.catalog.close()
-        await shared.store.close()
 
 
 # --------------------------------------------------------------------------- the channel
@@ -110,18 +66,15 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
         self._keys = MeshKeys(prefix or os.environ.get("GMESH_PREFIX") or DEFAULT_PREFIX)
         self._pool = EndpointPool(extra_options=options, interceptors=interceptors, credentials=credentials)
         self._outbound: Outbound | None = None
-        self._shared: _Shared | None = None
+        self._shared: runtime.Shared | None = None
         self._starting: asyncio.Task[Outbound] | None = None
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def _start(self) -> Outbound:
-        from gmesh.pluginmanager import Plugins
-
         config = self._etcd if isinstance(self._etcd, EtcdConfig) else await resolve_etcd(self._etcd)
-        self._shared = await _acquire(config, self._keys)
-        self._outbound = Outbound(self._shared.catalog, Plugins.load().filter_factories(), pool=self._pool)
+        self._shared, self._outbound = await runtime.acquire(config, self._keys, self._pool)
         return self._outbound
 
     def _outbound_or_start(self) -> Outbound | asyncio.Task[Outbound]:
@@ -152,7 +105,7 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
         else:
             await self._pool.close(grace)
         if self._shared is not None:
-            await _release(self._shared)
+            await runtime.release(self._shared)
             self._shared = None
 
     async def __aenter__(self) -> MeshChannel:
@@ -285,6 +238,7 @@ def _make_call(
         service,
         forward,
         downstream=downstream,
+        down=mesh._pool.down,
     )
     return call, chain.handler
 

@@ -117,6 +117,10 @@ class EndpointPool:
         self.drain_timeout = drain_timeout
         self._conns: dict[str, EndpointConn] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        #: addresses whose channel cannot connect right now (TRANSIENT_FAILURE); the balancer
+        #: skips them, as grpc's own round robin only picks READY subchannels. Live set: read it.
+        self.down: set[str] = set()
 
     def get(self, address: str) -> EndpointConn:
         conn = self._conns.get(address)
@@ -130,15 +134,35 @@ class EndpointPool:
         return list(self._conns.values())
 
     def sync(self, addresses: Iterable[str]) -> None:
-        """Open channels to new addresses (connecting now), drain and close the ones that left."""
+        """Open channels to new addresses (connecting now and following their connectivity),
+        drain and close the ones that left."""
         wanted = set(addresses)
-        for address in wanted - self._conns.keys():
-            self.get(address).channel.get_state(try_to_connect=True)
+        loop = asyncio.get_running_loop()
+        for address in wanted - self._watchers.keys():
+            self._watchers[address] = loop.create_task(self._follow(self.get(address)))
         for address in list(self._conns.keys() - wanted):
             conn = self._conns.pop(address)
-            task = asyncio.get_running_loop().create_task(self._drain(conn))
+            watcher = self._watchers.pop(address, None)
+            if watcher is not None:
+                watcher.cancel()
+            self.down.discard(address)
+            task = loop.create_task(self._drain(conn))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+
+    async def _follow(self, conn: EndpointConn) -> None:
+        """Keep `down` in step with the channel's connectivity (and keep it connecting)."""
+        channel = conn.channel
+        state = channel.get_state(try_to_connect=True)
+        while True:
+            if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                if conn.address not in self.down:
+                    log.info("endpoint %s cannot be reached; picking others", conn.address)
+                self.down.add(conn.address)
+            elif state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE):
+                self.down.discard(conn.address)
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=True)
 
     async def _drain(self, conn: EndpointConn) -> None:
         # close(grace): no new calls; calls in flight get the grace period, then are cancelled.
@@ -150,6 +174,9 @@ class EndpointPool:
         return sorted(self._conns)
 
     async def close(self, grace: float | None = None) -> None:
+        for watcher in self._watchers.values():
+            watcher.cancel()
+        self._watchers.clear()
         conns, self._conns = list(self._conns.values()), {}
         await asyncio.gather(*(c.channel.close(grace) for c in conns), return_exceptions=True)
         for task in list(self._closing):

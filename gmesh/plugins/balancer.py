@@ -23,16 +23,25 @@ if TYPE_CHECKING:
 class Balance:
     """Sets `call.endpoint` from the service's picker, or fails the call UNAVAILABLE."""
 
-    __slots__ = ("picker", "service")
+    __slots__ = ("picker", "service", "size")
 
-    def __init__(self, service: str, picker: Picker) -> None:
+    def __init__(self, service: str, picker: Picker, size: int) -> None:
         self.service = service
         self.picker = picker
+        self.size = size
 
     async def __call__(self, call: Call, next: Handler) -> Any:
         endpoint = self.picker.pick(call)
         if endpoint is None:
             raise CallError(grpc.StatusCode.UNAVAILABLE, f"gmesh: service {call.service!r} has no endpoints")
+        if endpoint.address in call.down:
+            # Its connection is failing: try the others once each; if all fail, use the
+            # first pick (the call then fails with the real connection error).
+            for _ in range(self.size):
+                other = self.picker.pick(call)
+                if other is not None and other.address not in call.down:
+                    endpoint = other
+                    break
         call.endpoint = endpoint
         return await next(call)
 
@@ -44,7 +53,7 @@ class BalanceFactory:
     def build(self, service: str, snapshot: MeshSnapshot) -> Filter | None:
         endpoints = snapshot.endpoints_of(service)
         picker: Picker = RoundRobin(endpoints) if endpoints else NoEndpoints()
-        return Balance(service, picker)
+        return Balance(service, picker, len(endpoints))
 
 
 @hookimpl(trylast=True)

@@ -115,6 +115,7 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
                 kind=kind,
                 caller=Caller(peer=context.peer()),
                 downstream=(context, payload, outbound.pool),
+                down=outbound.pool.down,
             )
             return chain.handler(call)
 

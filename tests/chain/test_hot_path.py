@@ -12,7 +12,7 @@ HOT = sorted(
     [
         *(GMESH / "chain").glob("*.py"),
         *(GMESH / "balancer").glob("*.py"),
-        *(GMESH / "channel").glob("*.py"),
+        *(p for p in (GMESH / "channel").glob("*.py") if p.name != "runtime.py"),  # start-up only
         GMESH / "proxy" / "relay.py",
         GMESH / "proxy" / "server.py",
         GMESH / "plugins" / "balancer.py",
