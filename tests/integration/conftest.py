@@ -33,16 +33,16 @@ async def upstream(store: Store, mesh_keys: MeshKeys) -> AsyncIterator[EchoServe
 
 
 async def start_proxy(etcd: EtcdMember, keys: MeshKeys, tmp_path: Path, **overrides: Any) -> RunningProxy:
-    settings = ProxySettings(
-        listen="127.0.0.1:0",
-        admin="127.0.0.1:0",
-        etcd=EtcdConfig.parse(etcd.url),
-        keys=keys,
-        drain_timeout=2.0,
-        max_message_bytes=BIG,
-        snapshot_file=tmp_path / "proxy-snapshot.json",
-        **overrides,
-    )
+    fields: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "admin": "127.0.0.1:0",
+        "etcd": EtcdConfig.parse(etcd.url),
+        "keys": keys,
+        "drain_timeout": 2.0,
+        "max_message_bytes": BIG,
+        "snapshot_file": tmp_path / "proxy-snapshot.json",
+    }
+    settings = ProxySettings(**{**fields, **overrides})
     proxy = RunningProxy(settings)
     await proxy.start()
     return proxy
