@@ -9,18 +9,20 @@ import signal
 import sys
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 import click
 import grpc.aio
 
-from gmesh.cli.common import MeshTarget, mesh_options, run
+from gmesh.cli.common import MeshTarget, mesh_options, run, table
 from gmesh.cli.config_cmd import endpoints_table
 from gmesh.config.apply import plan_apply, write_plan
 from gmesh.config.loader import Document
 from gmesh.discovery.catalog import Catalog
 from gmesh.discovery.keys import MeshKeys
 from gmesh.pluginmanager import Plugins
+from gmesh.proxy.run import ProxySettings, RunningProxy
 from gmesh.store.embedded import EmbeddedEtcd
 from gmesh.store.etcd import EtcdConfig, Store
 
@@ -34,8 +36,10 @@ def demo(target: MeshTarget) -> None:
 
     Starts the embedded etcd (unless --etcd is given or it already runs), applies a
     Service config, starts two versions of the example Orders service that register
-    themselves, lists the endpoints, calls each, stops the servers and shows them leave
-    the mesh. Everything is written under a prefix of its own, removed at the end.
+    themselves, lists the endpoints, sends traffic through a gmesh proxy and through the
+    in-process gmesh:/// channel, shows which endpoint served what, stops the servers and
+    shows them leave the mesh. Everything is written under a prefix of its own, removed
+    at the end.
     """
     run(_demo(target))
 
@@ -105,13 +109,35 @@ async def _demo(target: MeshTarget) -> None:
             step("gmesh get endpoints")
             click.echo(endpoints_table(list(snapshot.endpoints_of("orders"))))
 
-            step("calling each endpoint of orders")
+            step("calling each endpoint of orders directly")
             for ep in snapshot.endpoints_of("orders"):
                 order = await _get_order(ep.address, "7")
                 click.echo(
                     f"{ep.address} (version={ep.labels.get('version')}): order 7 = "
                     f"{order.quantity} x {order.item}, served_by={order.served_by}"
                 )
+
+            step(
+                "gmesh proxy, then 100 calls through it and 100 through gmesh.aio.channel('gmesh:///orders')"
+            )
+            proxy = RunningProxy(
+                ProxySettings(
+                    listen="127.0.0.1:0", admin="127.0.0.1:0", etcd=config, keys=keys, drain_timeout=5
+                )
+            )
+            await proxy.start()
+            try:
+                await proxy.catalog.wait_for(
+                    lambda s: len(s.endpoints_of("orders")) == len(VERSIONS), timeout=10
+                )
+                admin = proxy.admin.address if proxy.admin else "-"
+                click.echo(f"proxy listening on {proxy.address} (admin {admin})")
+                counts = await _traffic(proxy.address, config, keys)
+            finally:
+                await proxy.stop(0)
+            by_version = {ep.labels.get("version"): ep.address for ep in snapshot.endpoints_of("orders")}
+            rows = [[door, v, by_version.get(v, "?"), str(n)] for (door, v), n in sorted(counts.items())]
+            click.echo(table(["VIA", "VERSION", "ENDPOINT", "CALLS"], rows))
 
             step("stopping the servers (SIGTERM): they withdraw from the mesh")
             t0 = time.monotonic()
@@ -131,6 +157,25 @@ async def _demo(target: MeshTarget) -> None:
         if started_etcd:
             step("stopping the embedded etcd this demo started")
             await asyncio.to_thread(embedded.stop)
+
+
+async def _traffic(proxy_address: str, config: EtcdConfig, keys: MeshKeys) -> Counter[tuple[str, str]]:
+    """100 calls through the proxy and 100 through the in-process channel; who served each."""
+    import gmesh.aio
+    from gmesh.examples.v1 import orders_pb2, orders_pb2_grpc
+
+    counts: Counter[tuple[str, str]] = Counter()
+    async with grpc.aio.insecure_channel(proxy_address) as via_proxy:
+        stub = orders_pb2_grpc.OrdersStub(via_proxy)
+        for i in range(100):
+            order = await stub.GetOrder(orders_pb2.GetOrderRequest(id=str(i)), timeout=5)
+            counts[("proxy", order.served_by)] += 1
+    async with gmesh.aio.channel("gmesh:///orders", etcd=config, prefix=keys.prefix) as in_process:
+        stub = orders_pb2_grpc.OrdersStub(in_process)
+        for i in range(100):
+            order = await stub.GetOrder(orders_pb2.GetOrderRequest(id=str(i)), timeout=5)
+            counts[("channel", order.served_by)] += 1
+    return counts
 
 
 async def _get_order(address: str, order_id: str) -> Any:
