@@ -83,7 +83,8 @@ def proxy(
     A call's destination is the mesh service named by its x-gmesh-service header, else
     the one whose endpoints serve the gRPC service of its method path. Metadata,
     deadlines, cancellation, status and trailers pass through unchanged. SIGTERM
-    drains: no new calls, calls in flight get --drain-timeout.
+    drains: no new calls, calls in flight get --drain-timeout. Runs on uvloop when it is
+    installed (GMESH_EVENT_LOOP=asyncio to opt out).
     """
     from pathlib import Path
 
@@ -128,7 +129,7 @@ def proxy(
 
         await serve(settings, announce=announce)
 
-    run(go())
+    run(go(), fast_loop=True)
 
 
 def proxies_table(records: list[dict[str, object]]) -> str:
