@@ -27,7 +27,9 @@ async def calls(channel: grpc.aio.Channel, n: int) -> Counter[str]:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--proxy", default="127.0.0.1:15001", help="address of a running gmesh proxy")
     parser.add_argument("--calls", type=int, default=10, help="calls each way")
     args = parser.parse_args()
