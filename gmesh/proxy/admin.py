@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gmesh.channel.outbound import Outbound
+from gmesh.proxy.server import bind
 from gmesh.v1 import admin_pb2, admin_pb2_grpc
 
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
@@ -75,10 +76,7 @@ class AdminServer:
         reflection.enable_server_reflection(
             (ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        port = self.server.add_insecure_port(listen)
-        if port == 0:
-            raise OSError(f"cannot listen on {listen}")
-        self.address = f"{listen.rpartition(':')[0]}:{port}"
+        self.address = bind(self.server, listen)
 
     async def start(self) -> None:
         await self.server.start()

@@ -145,6 +145,14 @@ def _default_timeout(state: OutboundState, service: str) -> float | None:
     return getattr(resource.spec, "timeout", None) if resource is not None else None
 
 
+def bind(server: grpc.aio.Server, listen: str) -> str:
+    """Listen on HOST:PORT (port 0 = any free one); the address actually bound."""
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return f"{listen.rpartition(':')[0]}:{port}"
+
+
 class ProxyServer:
     """The listening side: a grpc.aio server whose only handler is `Inbound`."""
 
@@ -153,10 +161,7 @@ class ProxyServer:
         self.listen = listen
         self.server = grpc.aio.server(options=server_options(max_message_bytes))
         self.server.add_generic_rpc_handlers([Inbound(outbound)])
-        port = self.server.add_insecure_port(listen)
-        if port == 0:
-            raise OSError(f"cannot listen on {listen}")
-        self.address = f"{listen.rpartition(':')[0]}:{port}"
+        self.address = bind(self.server, listen)
 
     async def start(self) -> None:
         await self.server.start()

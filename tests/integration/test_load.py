@@ -110,6 +110,27 @@ async def test_bidi_stream_of_100000_messages_keeps_proxy_memory_bounded(
     assert growth_mib < 40, f"proxy memory grew by {growth_mib:.1f} MiB: messages are being buffered"
 
 
+async def open_door(
+    stack: contextlib.AsyncExitStack,
+    door: str,
+    etcd: EtcdMember,
+    keys: MeshKeys,
+    tmp_path: Path,
+    *,
+    endpoints: int,
+) -> grpc.aio.Channel:
+    """A channel to `echo` through a fresh proxy or in-process, once it sees `endpoints` endpoints."""
+    if door == "proxy":
+        proxy = await start_proxy(etcd, keys, tmp_path)
+        stack.push_async_callback(proxy.stop, 0)
+        await proxy.catalog.wait_for(lambda s: len(s.endpoints_of("echo")) == endpoints, timeout=5)
+        channel: grpc.aio.Channel = await stack.enter_async_context(grpc.aio.insecure_channel(proxy.address))
+        return channel
+    return await stack.enter_async_context(
+        gmesh.aio.channel("gmesh:///echo", etcd=etcd.url, prefix=keys.prefix)
+    )
+
+
 async def steady_load(
     call: Callable[[], Awaitable[Any]],
     stop: asyncio.Event,
@@ -149,17 +170,7 @@ async def test_graceful_removal_under_load_fails_no_call(
             )
             for s in servers
         ]
-        if door == "proxy":
-            proxy = await start_proxy(etcd_server, mesh_keys, tmp_path)
-            stack.push_async_callback(proxy.stop, 0)
-            await proxy.catalog.wait_for(lambda s: len(s.endpoints_of("echo")) == 3, timeout=5)
-            channel: grpc.aio.Channel = await stack.enter_async_context(
-                grpc.aio.insecure_channel(proxy.address)
-            )
-        else:
-            channel = await stack.enter_async_context(
-                gmesh.aio.channel("gmesh:///echo", etcd=etcd_server.url, prefix=mesh_keys.prefix)
-            )
+        channel = await open_door(stack, door, etcd_server, mesh_keys, tmp_path, endpoints=3)
         stub = echo_pb2_grpc.EchoStub(channel)
         stop = asyncio.Event()
         load = asyncio.create_task(
@@ -201,17 +212,7 @@ async def test_kill_9_of_one_of_three_fails_only_calls_in_flight_on_it(
     async with contextlib.AsyncExitStack() as stack:
         for proc in procs:
             stack.callback(lambda p=proc: p.returncode is None and p.kill())
-        if door == "proxy":
-            proxy = await start_proxy(etcd_server, mesh_keys, tmp_path)
-            stack.push_async_callback(proxy.stop, 0)
-            await proxy.catalog.wait_for(lambda s: len(s.endpoints_of("echo")) == 3, timeout=5)
-            channel: grpc.aio.Channel = await stack.enter_async_context(
-                grpc.aio.insecure_channel(proxy.address)
-            )
-        else:
-            channel = await stack.enter_async_context(
-                gmesh.aio.channel("gmesh:///echo", etcd=etcd_server.url, prefix=mesh_keys.prefix)
-            )
+        channel = await open_door(stack, door, etcd_server, mesh_keys, tmp_path, endpoints=3)
         stub = echo_pb2_grpc.EchoStub(channel)
         stop = asyncio.Event()
         request = echo_pb2.EchoRequest(delay_ms=int(delay * 1000))
