@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,19 @@ def wait_for_line(proc: subprocess.Popen[str], marker: str, timeout: float = 30)
         if marker in line:
             return line
     raise RuntimeError(f"no {marker!r} within {timeout}s")
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    """Until something accepts connections on 127.0.0.1:`port` (Envoy prints no readiness line)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listening on {port}") from None
+            time.sleep(0.05)
 
 
 ENVOY_CONFIG = """
@@ -202,7 +216,7 @@ def mesh(workdir: Path) -> Iterator[dict[str, Any]]:
             )  # fmt: skip
             procs.append(envoy)
             envoy_pid, envoy_address = envoy.pid, f"127.0.0.1:{port}"
-            time.sleep(1.0)  # envoy has no readiness line; the client's warm-up calls retry-free after this
+            wait_for_port(port, envoy)
         yield {
             "env": env,
             "etcd": member.url,

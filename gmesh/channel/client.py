@@ -363,12 +363,16 @@ class UnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
         error = await self._status()
         if error is not None:
             return error.initial_metadata()
+        if self._upstream is None:  # cancelled before an endpoint was called
+            return grpc.aio.Metadata()
         return await self._upstream.initial_metadata()
 
     async def trailing_metadata(self) -> grpc.aio.Metadata:
         error = await self._status()
         if error is not None:
             return error.trailing_metadata()
+        if self._upstream is None:
+            return grpc.aio.Metadata()
         return await self._upstream.trailing_metadata()
 
     async def code(self) -> grpc.StatusCode:
@@ -520,6 +524,10 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
             await self._up()
         except grpc.aio.AioRpcError as exc:
             return exc.code(), exc.details() or "", exc.trailing_metadata()
+        except asyncio.CancelledError:
+            if not self._upstream.cancelled():
+                raise  # our caller is being cancelled, not the call
+            return grpc.StatusCode.CANCELLED, "Locally cancelled by application!", grpc.aio.Metadata()
         assert self._watch is not None
         code, details, trailing = await self._watch.final()
         return (
@@ -533,6 +541,10 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
             upstream = await self._up()
         except grpc.aio.AioRpcError as exc:
             return exc.initial_metadata()
+        except asyncio.CancelledError:
+            if not self._upstream.cancelled():
+                raise
+            return grpc.aio.Metadata()
         return await upstream.initial_metadata()
 
     async def trailing_metadata(self) -> grpc.aio.Metadata:

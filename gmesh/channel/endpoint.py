@@ -169,10 +169,6 @@ class EndpointPool:
         await conn.channel.close(self.drain_timeout)
         log.debug("closed channel to %s", conn.address)
 
-    @property
-    def addresses(self) -> list[str]:
-        return sorted(self._conns)
-
     async def close(self, grace: float | None = None) -> None:
         for watcher in self._watchers.values():
             watcher.cancel()

@@ -4,8 +4,6 @@ reflection of its own services, and `gmesh.v1.Admin/ConfigDump`."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -91,7 +89,3 @@ class AdminServer:
 
     async def stop(self) -> None:
         await self.server.stop(None)
-
-
-def default_proxy_id(listen: str, worker: int) -> str:
-    return f"{socket.gethostname()}:{listen.rpartition(':')[2]}#{worker}.{os.getpid()}"

@@ -36,6 +36,8 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
         self.cancelled_at: list[float] = []
         #: calls running now
         self.active = 0
+        #: messages written on streams (ServerStream, Bidi), all calls together
+        self.sent = 0
 
     @contextlib.contextmanager
     def _call(self, method: str) -> Iterator[None]:
@@ -95,6 +97,7 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
                 if request.delay_ms:
                     await asyncio.sleep(request.delay_ms / 1000)
                 await context.write(self._reply(request, context, i))
+                self.sent += 1
             await self._maybe_fail(request, context)
 
     async def ClientStream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -116,6 +119,7 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
                     await asyncio.sleep(req.delay_ms / 1000)
                 await self._maybe_fail(req, context)
                 await context.write(self._reply(req, context, i))
+                self.sent += 1
                 i += 1
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,16 @@ from gmesh.store.etcd import EtcdConfig, Store
 from gmesh.testing.echo import EchoServer, start_echo_server
 from gmesh.testing.etcd import EtcdMember
 from gmesh.v1 import echo_pb2_grpc
+
+
+async def until(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Wait (polling, with a deadline) until `condition()` holds; seconds it took."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"{what}: not within {timeout}s"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
+
 
 BIG = 32 * 1024 * 1024
 BIG_OPTIONS = [("grpc.max_receive_message_length", BIG), ("grpc.max_send_message_length", BIG)]

@@ -14,7 +14,7 @@ import grpc.aio
 import pytest
 import pytest_asyncio
 from calls import KINDS, call_unimplemented, outcome, reqs
-from conftest import BIG_OPTIONS, start_proxy
+from conftest import BIG_OPTIONS, start_proxy, until
 
 import gmesh.aio
 from gmesh.discovery.keys import MeshKeys
@@ -125,16 +125,13 @@ async def test_caller_cancel_reaches_the_upstream_within_100ms(
         call = stub.Bidi(reqs(1000, delay_ms=100), timeout=30)
     else:  # a reader that never reads while big responses pile up behind flow control
         call = stub.ServerStream(echo_pb2.EchoRequest(count=100_000, payload=b"x" * 65536), timeout=30)
-    deadline = time.monotonic() + 5
-    while upstream.servicer.active == 0:
-        assert time.monotonic() < deadline, "call never reached the upstream"
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.3)  # let it run (and, for the slow reader, block on flow control)
+    sent = upstream.servicer.sent
+    await until(lambda: upstream.servicer.active == 1, 5, "the call reaching the upstream")
+    if kind != "unary":  # streaming for real (the slow reader: megabytes queued behind flow control)
+        await until(lambda: upstream.servicer.sent >= sent + 3, 5, "responses flowing")
     cancelled = time.monotonic()
     call.cancel()
-    while len(upstream.servicer.cancelled_at) == before:
-        assert time.monotonic() - cancelled < 2, "upstream never saw the cancel"
-        await asyncio.sleep(0.005)
+    await until(lambda: len(upstream.servicer.cancelled_at) > before, 2, "the upstream seeing the cancel")
     assert upstream.servicer.cancelled_at[-1] - cancelled < 0.1
 
 

@@ -19,6 +19,7 @@ from conftest import start_proxy
 
 import gmesh
 import gmesh.aio
+from gmesh.discovery.catalog import Catalog
 from gmesh.discovery.keys import MeshKeys
 from gmesh.proxy.run import RunningProxy
 from gmesh.store.etcd import Store
@@ -118,17 +119,21 @@ async def open_door(
     tmp_path: Path,
     *,
     endpoints: int,
-) -> grpc.aio.Channel:
-    """A channel to `echo` through a fresh proxy or in-process, once it sees `endpoints` endpoints."""
+) -> tuple[grpc.aio.Channel, Catalog]:
+    """A channel to `echo` through a fresh proxy or in-process, and the catalog that door routes
+    by, once it sees `endpoints` endpoints."""
     if door == "proxy":
         proxy = await start_proxy(etcd, keys, tmp_path)
         stack.push_async_callback(proxy.stop, 0)
-        await proxy.catalog.wait_for(lambda s: len(s.endpoints_of("echo")) == endpoints, timeout=5)
         channel: grpc.aio.Channel = await stack.enter_async_context(grpc.aio.insecure_channel(proxy.address))
-        return channel
-    return await stack.enter_async_context(
-        gmesh.aio.channel("gmesh:///echo", etcd=etcd.url, prefix=keys.prefix)
-    )
+        catalog = proxy.catalog
+    else:
+        mesh = await stack.enter_async_context(
+            gmesh.aio.channel("gmesh:///echo", etcd=etcd.url, prefix=keys.prefix)
+        )
+        channel, catalog = mesh, (await mesh.outbound()).catalog
+    await catalog.wait_for(lambda s: len(s.endpoints_of("echo")) == endpoints, timeout=5)
+    return channel, catalog
 
 
 async def steady_load(
@@ -170,17 +175,20 @@ async def test_graceful_removal_under_load_fails_no_call(
             )
             for s in servers
         ]
-        channel = await open_door(stack, door, etcd_server, mesh_keys, tmp_path, endpoints=3)
+        channel, catalog = await open_door(stack, door, etcd_server, mesh_keys, tmp_path, endpoints=3)
         stub = echo_pb2_grpc.EchoStub(channel)
         stop = asyncio.Event()
         load = asyncio.create_task(
             steady_load(lambda: stub.Unary(echo_pb2.EchoRequest(delay_ms=20), timeout=5), stop)
         )
-        await asyncio.sleep(1.0)
-        # Graceful removal: withdraw from discovery first, keep serving what is in flight
-        # for a moment, then stop.
+        await asyncio.sleep(1.0)  # steady load before the change
+        # Graceful removal, as a server does it: withdraw from discovery; once the front
+        # door routes without it, serve on for a drain delay (calls already sent may still
+        # be in transit: a server that stops at once refuses them with CANCELLED), then stop
+        # with a grace period for calls still running.
         await regs[0].deregister()
-        await asyncio.sleep(0.5)
+        await catalog.wait_for(lambda s: len(s.endpoints_of("echo")) == 2, timeout=5)
+        await asyncio.sleep(0.2)  # the server's drain delay, part of the scenario
         await servers[0].stop(grace=2.0)
         await asyncio.sleep(1.0)
         stop.set()
@@ -212,7 +220,7 @@ async def test_kill_9_of_one_of_three_fails_only_calls_in_flight_on_it(
     async with contextlib.AsyncExitStack() as stack:
         for proc in procs:
             stack.callback(lambda p=proc: p.returncode is None and p.kill())
-        channel = await open_door(stack, door, etcd_server, mesh_keys, tmp_path, endpoints=3)
+        channel, catalog = await open_door(stack, door, etcd_server, mesh_keys, tmp_path, endpoints=3)
         stub = echo_pb2_grpc.EchoStub(channel)
         stop = asyncio.Event()
         request = echo_pb2.EchoRequest(delay_ms=int(delay * 1000))
@@ -220,11 +228,13 @@ async def test_kill_9_of_one_of_three_fails_only_calls_in_flight_on_it(
         load = asyncio.create_task(
             steady_load(lambda: stub.Unary(request, timeout=5), stop, concurrency, failed_at)
         )
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # steady load before the kill
         procs[0].send_signal(signal.SIGKILL)
         killed = time.monotonic()
         await procs[0].wait()
-        await asyncio.sleep(4.0)  # past the lease TTL: the dead endpoint leaves the mesh too
+        # The lease expires (TTL 3 s) and the dead endpoint leaves the mesh; load goes on meanwhile.
+        await catalog.wait_for(lambda s: len(s.endpoints_of("echo")) == 2, timeout=10)
+        await asyncio.sleep(0.5)  # and a little after
         stop.set()
         outcomes = await load
     print(
