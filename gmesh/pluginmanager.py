@@ -35,6 +35,8 @@ DISABLE_ENV = "GMESH_DISABLE_PLUGINS"
 BUILTINS: dict[str, str] = {
     "service": "gmesh.plugins.service",
     "balancer": "gmesh.plugins.balancer",
+    "router": "gmesh.plugins.router",
+    "retry": "gmesh.plugins.retry",
 }
 #: Built-ins gmesh cannot work without; GMESH_DISABLE_PLUGINS cannot remove them.
 ESSENTIAL = frozenset({"service", "balancer"})

@@ -43,11 +43,18 @@ class Call:
     `forward` is the front door's terminal step (proxy relay or in-process channel call);
     the chain's last handler calls it. `downstream` is what the front door needs for it.
     `down` holds the addresses whose connection is failing right now (balancers skip them).
+
+    Set by the ROUTE phase: `route` (the matched rule, read by retry and observers) and
+    `backend` (`(service, subset)`; None = every endpoint of `service`). `tried` holds the
+    addresses earlier attempts used (balancers avoid them on retries). `replayable` says
+    the front door can send the request again (unary calls: the request is in hand);
+    `mirror` is the front door's way to send a copy elsewhere (None: it cannot).
     """
 
     __slots__ = (
         "_stash",
         "attempts",
+        "backend",
         "caller",
         "committed",
         "deadline",
@@ -58,8 +65,12 @@ class Call:
         "kind",
         "metadata",
         "method",
+        "mirror",
+        "replayable",
+        "route",
         "service",
         "started",
+        "tried",
     )
 
     def __init__(
@@ -74,6 +85,8 @@ class Call:
         caller: Caller = ANONYMOUS,
         downstream: Any = None,
         down: Container[str] = frozenset(),
+        replayable: bool = False,
+        mirror: Callable[[Call, str], Awaitable[Any]] | None = None,
     ) -> None:
         self.method = method
         self.metadata = metadata
@@ -87,6 +100,11 @@ class Call:
         self.endpoint: Endpoint | None = None
         self.committed = False
         self.attempts = 0
+        self.route: Any = None
+        self.backend: tuple[str, str | None] | None = None
+        self.tried: set[str] | None = None
+        self.replayable = replayable
+        self.mirror = mirror
         self.started = time.monotonic()
         self._stash: dict[str, Any] | None = None
 
@@ -124,3 +142,18 @@ class Call:
 
     def __repr__(self) -> str:
         return f"<Call {self.method} -> {self.service}>"
+
+
+#: A mirrored copy never waits longer than this (the original may have no deadline).
+MIRROR_TIMEOUT = 10.0
+
+
+def mirror_metadata(metadata: Metadata) -> Metadata:
+    """Metadata of a mirrored copy: marked, so the mirror's owner can tell copies from real calls."""
+    return (*metadata, ("x-gmesh-mirror", "1"))
+
+
+def mirror_timeout(call: Call) -> float:
+    """The timeout of a mirrored copy of `call`: the original's time left, capped."""
+    left = call.time_remaining()
+    return MIRROR_TIMEOUT if left is None else max(min(left, MIRROR_TIMEOUT), 0.001)

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from gmesh.chain.call import Call
+from gmesh.chain.call import Call, mirror_metadata, mirror_timeout
 from gmesh.channel import runtime
 from gmesh.channel.endpoint import EndpointPool
 from gmesh.channel.outbound import Outbound
@@ -222,7 +222,7 @@ def _to_rpc_error(exc: CallError) -> grpc.aio.AioRpcError:
 
 def _make_call(
     mesh: MeshChannel, outbound: Outbound, method: str, timeout: float | None, metadata: Any, forward: Any,
-    downstream: Any,
+    downstream: Any, unary: bool = False,
 ) -> tuple[Call, Any]:  # fmt: skip
     service = mesh.service
     chain = outbound.state.chain(service)
@@ -239,6 +239,8 @@ def _make_call(
         forward,
         downstream=downstream,
         down=mesh._pool.down,
+        replayable=unary,
+        mirror=_mirror_unary if unary else None,
     )
     return call, chain.handler
 
@@ -274,9 +276,21 @@ async def _forward_unary(call: Call) -> Any:
     meshcall._upstream = upstream
     if meshcall._cancelled:
         upstream.cancel()
-    result = await upstream
+    try:
+        result = await upstream
+    except grpc.aio.AioRpcError as exc:
+        if exc.initial_metadata():
+            call.committed = True  # the upstream answered with headers: no retry
+        raise
     call.committed = True
     return result
+
+
+async def _mirror_unary(call: Call, address: str) -> None:
+    meshcall, request = call.downstream
+    multi = meshcall._multi
+    mc = multi._mesh._pool.get(address).unary_unary(call.method, multi._ser, multi._deser)
+    await mc(request, timeout=mirror_timeout(call), metadata=mirror_metadata(call.metadata))
 
 
 class UnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
@@ -315,7 +329,7 @@ class UnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
             multi = self._multi
             call, handler = _make_call(
                 multi._mesh, outbound, multi._method, self._timeout, self._metadata, _forward_unary,
-                (self, self._request),
+                (self, self._request), True,
             )  # fmt: skip
             self._result = await handler(call)
             return self._result

@@ -5,6 +5,7 @@ metadata: {name: orders}
 spec:
   subsets: {v1: {version: v1}, v2: {version: v2}}
   timeout: 2s
+  retryBudget: {percent: 20, minPerSecond: 10, window: 10s}
 """
 
 from __future__ import annotations
@@ -14,6 +15,22 @@ from pydantic import Field, field_validator
 from gmesh.config.kinds import Kind, KindRegistry
 from gmesh.config.types import Duration, Labels, Name, SpecModel
 from gmesh.hookspecs import hookimpl
+
+
+class RetryBudgetSpec(SpecModel):
+    """Retries allowed to calls of this service: at most `percent` of the calls made within
+    `window`, plus `minPerSecond` (so low traffic can still retry)."""
+
+    percent: float = Field(default=20.0, ge=0, le=1000, description="Retries as a percentage of calls.")
+    min_per_second: float = Field(default=10.0, ge=0, description="Retries allowed per second regardless.")
+    window: Duration = Field(default=10.0, description="How far back calls and retries are counted (>= 1s).")
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, window: float) -> float:
+        if window < 1:
+            raise ValueError("window must be at least 1s")
+        return window
 
 
 class ServiceSpec(SpecModel):
@@ -27,6 +44,11 @@ class ServiceSpec(SpecModel):
     timeout: Duration | None = Field(
         default=None,
         description="Default deadline for calls to this service when the caller sets none (e.g. 2s).",
+    )
+
+    retry_budget: RetryBudgetSpec | None = Field(
+        default=None,
+        description="Cap on retries of this service's calls (default: 20% of calls + 10/s over 10s).",
     )
 
     @field_validator("subsets")

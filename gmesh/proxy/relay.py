@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from gmesh.chain.call import Call, Metadata
+from gmesh.chain.call import Call, Metadata, mirror_metadata, mirror_timeout
 from gmesh.channel.status import StatusWatch
 from gmesh.errors import CallError
 
@@ -73,6 +73,8 @@ async def forward_unary(call: Call) -> bytes:
     except grpc.aio.AioRpcError as exc:
         initial = forwardable(exc.initial_metadata() or ())
         if initial:
+            # The upstream answered with headers: the call is committed (no retry).
+            call.committed = True
             await context.send_initial_metadata(initial)
         raise CallError(exc.code(), exc.details() or "", forwardable(exc.trailing_metadata() or ())) from None
     except asyncio.CancelledError:
@@ -84,6 +86,14 @@ async def forward_unary(call: Call) -> bytes:
         await context.send_initial_metadata(initial)
     context.set_trailing_metadata(forwardable(await upstream.trailing_metadata()))
     return response
+
+
+async def mirror_unary(call: Call, address: str) -> None:
+    """Send a copy of a unary call to `address` and drop the answer (route mirroring)."""
+    _context, request, pool = call.downstream
+    await pool.get(address).unary_unary(call.method)(
+        request, metadata=mirror_metadata(call.metadata), timeout=mirror_timeout(call)
+    )
 
 
 async def forward_stream(call: Call) -> None:

@@ -25,7 +25,7 @@ from gmesh.chain.call import Call, Caller
 from gmesh.channel.outbound import Outbound, OutboundState
 from gmesh.discovery.endpoint import MethodKind
 from gmesh.errors import CallError
-from gmesh.proxy.relay import forward_stream, forward_unary, forwardable
+from gmesh.proxy.relay import forward_stream, forward_unary, forwardable, mirror_unary
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
                 grpc.StatusCode.UNIMPLEMENTED, f"gmesh: no mesh service serves gRPC service {grpc_service!r}"
             )
 
+        unary = kind is MethodKind.UNARY
+
         def prepare(context: grpc.aio.ServicerContext, forward: Callable[[Call], Any], payload: Any) -> Any:
             metadata = context.invocation_metadata() or ()
             service = destination(metadata)
@@ -116,12 +118,14 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
                 caller=Caller(peer=context.peer()),
                 downstream=(context, payload, outbound.pool),
                 down=outbound.pool.down,
+                replayable=unary,
+                mirror=mirror_unary if unary else None,
             )
             return chain.handler(call)
 
-        if kind is MethodKind.UNARY:
+        if unary:
 
-            async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
+            async def unary_handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
                 try:
                     result: bytes = await prepare(context, forward_unary, request)
                     return result
@@ -129,7 +133,7 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
                     await context.abort(exc.status, exc.details, exc.trailing_metadata)
                     return None
 
-            return grpc.unary_unary_rpc_method_handler(unary)
+            return grpc.unary_unary_rpc_method_handler(unary_handler)
 
         async def stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
             try:

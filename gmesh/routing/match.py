@@ -1,0 +1,50 @@
+"""Compiled matches on strings (method paths, metadata values): exact, prefix, regex, present, absent.
+
+A compiled match is a plain callable `str | None -> bool` (None: the key is absent), built
+once per config change; regexes must match the whole value (as Envoy's `safe_regex` does).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+StringPredicate = Callable[[str | None], bool]
+
+
+def exact(expected: str) -> StringPredicate:
+    return lambda value: value == expected
+
+
+def prefix(expected: str) -> StringPredicate:
+    return lambda value: value is not None and value.startswith(expected)
+
+
+def regex(pattern: str) -> StringPredicate:
+    compiled = re.compile(pattern)
+    return lambda value: value is not None and compiled.fullmatch(value) is not None
+
+
+def present(value: str | None) -> bool:
+    return value is not None
+
+
+def absent(value: str | None) -> bool:
+    return value is None
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why `pattern` is not a valid regex, or None."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"invalid regex {pattern!r}: {exc}"
+    return None
+
+
+def metadata_value(metadata: tuple[tuple[str, str | bytes], ...], key: str) -> str | None:
+    """The first value of `key` (lowercase) in request metadata, or None; `-bin` values as latin-1."""
+    for k, v in metadata:
+        if k == key:
+            return v if isinstance(v, str) else v.decode("latin-1")
+    return None
