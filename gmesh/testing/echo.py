@@ -38,6 +38,12 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
         self.active = 0
         #: messages written on streams (ServerStream, Bidi), all calls together
         self.sent = 0
+        #: fail this share (0..1) of unary calls with `fail_with`, evenly spread (set from tests)
+        self.fail_share = 0.0
+        self.fail_with = grpc.StatusCode.UNAVAILABLE
+        self._unary_seen = 0
+        #: request metadata of the last calls (most recent last, at most 100)
+        self.seen_metadata: list[dict[str, str | bytes]] = []
 
     @contextlib.contextmanager
     def _call(self, method: str) -> Iterator[None]:
@@ -82,6 +88,13 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
 
     async def Unary(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         with self._call("Unary"):
+            self.seen_metadata = [*self.seen_metadata[-99:], dict(context.invocation_metadata() or ())]
+            if self.fail_share:
+                # Evenly spread: call n fails when floor(n * share) steps up.
+                n = self._unary_seen = self._unary_seen + 1
+                if int(n * self.fail_share) != int((n - 1) * self.fail_share):
+                    details = f"{self.name}: failing {self.fail_share:.0%} of calls"
+                    await context.abort(self.fail_with, details)
             await self._headers(request, context)
             if request.delay_ms:
                 await asyncio.sleep(request.delay_ms / 1000)

@@ -1,0 +1,346 @@
+"""Route rules end to end, through the proxy and through `gmesh:///` channels: real etcd, real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import statistics
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+import pytest_asyncio
+from conftest import start_proxy, until
+
+import gmesh
+import gmesh.aio
+from gmesh.discovery.keys import MeshKeys
+from gmesh.store.etcd import Store
+from gmesh.testing.echo import EchoServer, start_echo_server
+from gmesh.testing.etcd import EtcdMember
+from gmesh.v1 import echo_pb2, echo_pb2_grpc
+
+SUBSETS = {"v1": {"version": "v1"}, "v2": {"version": "v2"}}
+
+
+@dataclass
+class Mesh:
+    """Service `orders`: endpoints v1a, v1b (version v1) and v2 (version v2), Echo servers."""
+
+    servers: dict[str, EchoServer]
+    store: Store
+    keys: MeshKeys
+
+    def counts(self) -> dict[str, int]:
+        return {name: s.servicer.calls.get("Unary", 0) for name, s in self.servers.items()}
+
+    async def put(self, kind: str, name: str, spec: dict[str, Any]) -> int:
+        doc = {"kind": kind, "metadata": {"name": name}, "spec": spec}
+        return await self.store.put(self.keys.config(kind, name), json.dumps(doc).encode())
+
+
+@dataclass
+class Door:
+    """One front door to `orders`: a stub, and a way to wait until a revision is in use."""
+
+    name: str
+    stub: echo_pb2_grpc.EchoStub
+    wait: Callable[[int], Awaitable[None]]
+
+
+@pytest_asyncio.fixture
+async def mesh(store: Store, mesh_keys: MeshKeys) -> AsyncIterator[Mesh]:
+    servers: dict[str, EchoServer] = {}
+    registrations = []
+    for name, version in (("v1a", "v1"), ("v1b", "v1"), ("v2", "v2")):
+        server = await start_echo_server(name)
+        servers[name] = server
+        reg = gmesh.register(
+            server.address,
+            service="orders",
+            labels={"version": version},
+            store=store,
+            prefix=mesh_keys.prefix,
+            handle_sigterm=False,
+        )
+        await reg.__aenter__()
+        registrations.append(reg)
+    mesh = Mesh(servers, store, mesh_keys)
+    await mesh.put("Service", "orders", {"subsets": SUBSETS})
+    yield mesh
+    for reg in registrations:
+        await reg.__aexit__(None, None, None)
+    for server in servers.values():
+        await server.stop(None)
+
+
+@pytest_asyncio.fixture(params=["proxy", "channel"])
+async def door(
+    request: pytest.FixtureRequest, mesh: Mesh, etcd_server: EtcdMember, mesh_keys: MeshKeys, tmp_path: Path
+) -> AsyncIterator[Door]:
+    if request.param == "proxy":
+        proxy = await start_proxy(etcd_server, mesh_keys, tmp_path)
+        await proxy.catalog.wait_for(lambda s: len(s.endpoints_of("orders")) == 3, timeout=5)
+
+        async def wait_proxy(revision: int) -> None:
+            await proxy.catalog.wait_for(lambda s: s.revision >= revision, timeout=5)
+
+        async with grpc.aio.insecure_channel(proxy.address) as channel:
+            yield Door("proxy", echo_pb2_grpc.EchoStub(channel), wait_proxy)
+        await proxy.stop(0)
+    else:
+        async with gmesh.aio.channel("gmesh:///orders", etcd=etcd_server.url, prefix=mesh_keys.prefix) as ch:
+            outbound = await ch.outbound()
+            await outbound.catalog.wait_for(lambda s: len(s.endpoints_of("orders")) == 3, timeout=5)
+
+            async def wait_channel(revision: int) -> None:
+                await outbound.catalog.wait_for(lambda s: s.revision >= revision, timeout=5)
+
+            yield Door("channel", echo_pb2_grpc.EchoStub(ch), wait_channel)
+
+
+def rule(name: str, **fields: Any) -> dict[str, Any]:
+    return {"name": name, **fields}
+
+
+def split(v1: int, v2: int) -> list[dict[str, Any]]:
+    return [{"subset": "v1", "weight": v1}, {"subset": "v2", "weight": v2}]
+
+
+async def route(mesh: Mesh, door: Door, rules: list[dict[str, Any]], **service: Any) -> None:
+    if service:
+        await mesh.put("Service", "orders", {"subsets": SUBSETS, **service})
+    revision = await mesh.put("Route", "orders", {"service": "orders", "rules": rules})
+    await door.wait(revision)
+
+
+async def many(
+    door: Door,
+    n: int,
+    *,
+    concurrency: int = 32,
+    metadata: Callable[[int], Any] = lambda i: (),
+    **request: Any,
+) -> list[tuple[str, grpc.StatusCode, float]]:
+    """n unary calls, `concurrency` at a time: (server or "", code, seconds) for each."""
+    results: list[tuple[str, grpc.StatusCode, float]] = [("", grpc.StatusCode.OK, 0.0)] * n
+    queue = iter(range(n))
+
+    async def worker() -> None:
+        for i in queue:
+            started = time.perf_counter()
+            try:
+                reply = await door.stub.Unary(
+                    echo_pb2.EchoRequest(**request), metadata=metadata(i), timeout=10
+                )
+                results[i] = (reply.server, grpc.StatusCode.OK, time.perf_counter() - started)
+            except grpc.aio.AioRpcError as exc:
+                results[i] = ("", exc.code(), time.perf_counter() - started)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+def by_version(results: list[tuple[str, grpc.StatusCode, float]]) -> collections.Counter[str]:
+    return collections.Counter(server[:2] for server, code, _ in results if code == grpc.StatusCode.OK)
+
+
+async def test_weighted_split_is_exact_and_sticky_keys_stay_on_one_side(mesh: Mesh, door: Door) -> None:
+    await route(
+        mesh,
+        door,
+        [{"name": "default", "backends": [{"subset": "v1", "weight": 90}, {"subset": "v2", "weight": 10}]}],
+    )
+    results = await many(door, 10_000, concurrency=64)
+    versions = by_version(results)
+    assert sum(versions.values()) == 10_000
+    assert abs(versions["v2"] / 10_000 - 0.10) <= 0.01, versions
+    counts = mesh.counts()
+    assert abs(counts["v1a"] - counts["v1b"]) <= 0.05 * counts["v1a"], counts  # round robin inside v1
+
+    await route(mesh, door, [rule("default", stickyKey="x-user-id", backends=split(90, 10))])
+    users = [f"user-{i}" for i in range(300)]
+    results = await many(door, 1500, metadata=lambda i: (("x-user-id", users[i % 300]),))
+    sides: dict[str, set[str]] = collections.defaultdict(set)
+    for i, (server, code, _) in enumerate(results):
+        assert code == grpc.StatusCode.OK
+        sides[users[i % 300]].add(server[:2])
+    assert all(len(s) == 1 for s in sides.values()), "a sticky key reached both sides"
+    on_v2 = sum(1 for s in sides.values() if s == {"v2"})
+    assert 10 <= on_v2 <= 55, f"{on_v2} of 300 users on v2 for a 10% split"
+
+
+async def test_header_rule_first_match_wins_and_regex(mesh: Mesh, door: Door) -> None:
+    rules = [
+        rule("beta", backends=[{"subset": "v2"}],
+             match={"method": {"prefix": "/gmesh.v1.Echo/"}, "metadata": {"x-tier": {"exact": "beta"}}}),
+        rule("beta-ish", match={"metadata": {"x-tier": {"prefix": "be"}}}, backends=[{"subset": "v1"}]),
+        rule("canary-ids", match={"metadata": {"x-user-id": {"regex": "canary-[0-9]+"}}},
+             backends=[{"subset": "v2"}]),
+        rule("default", backends=split(50, 50)),
+    ]  # fmt: skip
+    await route(mesh, door, rules)
+    beta = by_version(await many(door, 50, metadata=lambda i: (("x-tier", "beta"),)))
+    assert beta == {"v2": 50}
+    bet = by_version(await many(door, 50, metadata=lambda i: (("x-tier", "bet"),)))
+    assert bet == {"v1": 50}  # the second rule (beta matched the first one, before it)
+    canary = by_version(await many(door, 50, metadata=lambda i: (("x-user-id", f"canary-{i}"),)))
+    assert canary == {"v2": 50}
+    not_full = by_version(await many(door, 50, metadata=lambda i: (("x-user-id", f"canary-{i}x"),)))
+    assert not_full == {"v1": 25, "v2": 25}  # a regex matches the whole value: default rule
+    plain = by_version(await many(door, 50))
+    assert plain == {"v1": 25, "v2": 25}
+
+
+async def test_rule_adds_and_removes_request_metadata(mesh: Mesh, door: Door) -> None:
+    rules = [{"name": "default", "backends": [{"subset": "v2"}],
+              "requestMetadata": {"add": {"x-routed": "gmesh"}, "remove": ["x-debug"]}}]  # fmt: skip
+    await route(mesh, door, rules)
+    await door.stub.Unary(echo_pb2.EchoRequest(), metadata=(("x-debug", "1"), ("x-keep", "k")), timeout=5)
+    seen = mesh.servers["v2"].servicer.seen_metadata[-1]
+    assert seen.get("x-routed") == "gmesh" and seen.get("x-keep") == "k" and "x-debug" not in seen
+
+
+async def test_fault_abort_rate_and_delay_share(mesh: Mesh, door: Door) -> None:
+    await route(
+        mesh, door, [{"name": "default", "fault": {"abort": {"percent": 10, "code": "RESOURCE_EXHAUSTED"}}}]
+    )
+    results = await many(door, 5000, concurrency=64)
+    aborted = sum(1 for _, code, _ in results if code == grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert (
+        sum(
+            1
+            for _, code, _ in results
+            if code not in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        )
+        == 0
+    )
+    assert abs(aborted / 5000 - 0.10) <= 0.02, aborted
+    assert sum(mesh.counts().values()) == 5000 - aborted  # aborted calls never reach an endpoint
+
+    await route(mesh, door, [{"name": "default", "fault": {"delay": {"percent": 25, "duration": "150ms"}}}])
+    results = await many(door, 400, concurrency=40)
+    delayed = sum(1 for _, code, took in results if code == grpc.StatusCode.OK and took >= 0.15)
+    assert all(code == grpc.StatusCode.OK for _, code, _ in results)
+    assert 60 <= delayed <= 140, f"{delayed} of 400 calls delayed for a 25% delay fault"
+
+
+async def test_route_timeout_cuts_a_slow_call(mesh: Mesh, door: Door) -> None:
+    await route(mesh, door, [{"name": "default", "timeout": "200ms"}])
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await door.stub.Unary(echo_pb2.EchoRequest(delay_ms=2000), timeout=5)
+    took = time.monotonic() - started
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.15 <= took < 1.0, took
+
+
+async def test_retry_on_unavailable_gets_past_a_refusing_endpoint(mesh: Mesh, door: Door) -> None:
+    mesh.servers["v1b"].servicer.fail_share = 1.0  # one of three refuses every call with UNAVAILABLE
+    await route(mesh, door, [rule("default")])
+    without = await many(door, 300)
+    failed = sum(1 for _, code, _ in without if code == grpc.StatusCode.UNAVAILABLE)
+    assert 70 <= failed <= 130, "without retries about a third of the calls must fail"
+
+    await route(mesh, door, [rule("default", retry={"attempts": 3, "on": ["UNAVAILABLE"]})])
+    results = await many(door, 300)
+    assert [code for _, code, _ in results if code != grpc.StatusCode.OK] == []
+    assert {server for server, _, _ in results} == {"v1a", "v2"}
+
+
+async def test_no_retry_once_response_headers_were_sent(mesh: Mesh, door: Door) -> None:
+    await route(mesh, door, [{"name": "default", "backends": [{"subset": "v2"}],
+                              "retry": {"attempts": 3, "on": ["UNAVAILABLE"]}}])  # fmt: skip
+    v2 = mesh.servers["v2"].servicer
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await door.stub.Unary(echo_pb2.EchoRequest(fail_code=14), timeout=5)  # trailers only
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert v2.calls["Unary"] == 3
+    headers = [echo_pb2.Header(key="x-early", value=b"1")]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await door.stub.Unary(echo_pb2.EchoRequest(fail_code=14, initial_metadata=headers), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert v2.calls["Unary"] == 4, "a call whose headers were sent must not be retried"
+
+
+async def test_retry_budget_caps_extra_load_when_everything_fails(mesh: Mesh, door: Door) -> None:
+    for server in mesh.servers.values():
+        server.servicer.fail_share = 1.0
+    rules = [
+        {
+            "name": "default",
+            "retry": {"attempts": 5, "on": ["UNAVAILABLE"], "backoff": {"base": "1ms", "max": "2ms"}},
+        }
+    ]
+    await route(mesh, door, rules, retryBudget={"percent": 20, "minPerSecond": 0, "window": "10s"})
+    results = await many(door, 500)
+    assert all(code == grpc.StatusCode.UNAVAILABLE for _, code, _ in results)
+    upstream = sum(mesh.counts().values())
+    # Without a budget: 2,500 attempts. With it: the calls plus at most 20% more.
+    assert 500 < upstream <= 500 * 1.2 + 1, upstream
+
+
+async def test_per_try_timeout_retries_a_slow_attempt(mesh: Mesh, door: Door) -> None:
+    rules = [{"name": "default", "backends": [{"subset": "v1"}],
+              "retry": {"attempts": 3, "on": ["UNAVAILABLE"], "perTryTimeout": "100ms"}}]  # fmt: skip
+    await route(mesh, door, rules)
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await door.stub.Unary(echo_pb2.EchoRequest(delay_ms=1000), timeout=5)
+    took = time.monotonic() - started
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.3 <= took < 0.9, took
+    await until(lambda: sum(mesh.counts().values()) == 3, 2, "three attempts reach the endpoints")
+
+
+async def test_mirror_copies_a_share_without_touching_the_caller(mesh: Mesh, door: Door) -> None:
+    mesh.servers["v2"].servicer.fail_share = 1.0  # the mirror fails every copy: the caller must not notice
+    await route(mesh, door, [{"name": "default", "backends": [{"subset": "v1"}]}])
+    plain = await many(door, 600, concurrency=1)
+    await route(mesh, door, [{"name": "default", "backends": [{"subset": "v1"}],
+                              "mirror": {"backend": {"subset": "v2"}, "percent": 50}}])  # fmt: skip
+    mirrored = await many(door, 600, concurrency=1)
+    assert all(code == grpc.StatusCode.OK and server.startswith("v1") for server, code, _ in mirrored)
+    v2 = mesh.servers["v2"].servicer
+    await until(lambda: v2.active == 0, 5, "mirrored copies finish")
+    copies = v2.calls.get("Unary", 0)
+    assert 240 <= copies <= 360, f"{copies} copies for a 50% mirror of 600 calls"
+    assert all(md.get("x-gmesh-mirror") == "1" for md in v2.seen_metadata)
+    p50_plain = statistics.median(t for _, _, t in plain)
+    p50_mirrored = statistics.median(t for _, _, t in mirrored)
+    assert p50_mirrored <= p50_plain * 2 + 0.001, (p50_plain, p50_mirrored)
+
+
+async def test_route_changes_under_load_fail_no_call(mesh: Mesh, door: Door) -> None:
+    splits = [(100, 0), (90, 10), (50, 50), (0, 100), (100, 0)]
+    stop = asyncio.Event()
+    results: list[grpc.StatusCode] = []
+
+    async def load() -> None:
+        while not stop.is_set():
+            try:
+                await door.stub.Unary(echo_pb2.EchoRequest(), timeout=5)
+                results.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as exc:
+                results.append(exc.code())
+
+    workers = [asyncio.ensure_future(load()) for _ in range(16)]
+    try:
+        for v1, v2 in splits:
+            await route(mesh, door, [rule("default", backends=split(v1, v2))])
+            target = len(results) + 200
+            await until(lambda t=target: len(results) >= t, 10, "calls flow after the change")
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+    assert len(results) >= 1000
+    assert collections.Counter(results) == {grpc.StatusCode.OK: len(results)}
+    # the last split (100/0) is in force: recent calls all on v1
+    tail = await many(door, 50)
+    assert by_version(tail) == {"v1": 50}
