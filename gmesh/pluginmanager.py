@@ -37,6 +37,7 @@ BUILTINS: dict[str, str] = {
     "balancer": "gmesh.plugins.balancer",
     "router": "gmesh.plugins.router",
     "retry": "gmesh.plugins.retry",
+    "stats": "gmesh.plugins.stats",
 }
 #: Built-ins gmesh cannot work without; GMESH_DISABLE_PLUGINS cannot remove them.
 ESSENTIAL = frozenset({"service", "balancer"})

@@ -22,6 +22,7 @@ from gmesh.chain.filter import FilterFactory
 from gmesh.channel.endpoint import EndpointPool
 from gmesh.discovery.catalog import Catalog, MeshSnapshot
 from gmesh.discovery.endpoint import MethodKind
+from gmesh.plugins.stats import StatsPublisher
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class Outbound:
         self.pool = pool or EndpointPool()
         self.state = OutboundState(MeshSnapshot(), ChainTable(0))
         self._listeners: list[Callable[[OutboundState], None]] = []
+        # Per-backend counters go to etcd for canary rollouts (one publisher per process and mesh).
+        self._publisher = StatsPublisher.acquire(catalog.store, catalog.keys)
         self._unsubscribe = catalog.subscribe(self._on_snapshot)
         if catalog.snapshot.source != "empty":
             self._on_snapshot(catalog.snapshot)
@@ -86,4 +89,5 @@ class Outbound:
 
     async def close(self, grace: float | None = None) -> None:
         self._unsubscribe()
+        await self._publisher.release()
         await self.pool.close(grace)

@@ -33,7 +33,16 @@ def cli(log_level: str) -> None:
 
 
 def _add_builtin_commands() -> None:
-    from gmesh.cli import config_cmd, demo, etcd_cmd, plugins_cmd, proxy_cmd, register_cmd
+    from gmesh.cli import (
+        config_cmd,
+        demo,
+        etcd_cmd,
+        explain_cmd,
+        plugins_cmd,
+        proxy_cmd,
+        register_cmd,
+        rollout_cmd,
+    )
 
     for command in (
         etcd_cmd.etcd,
@@ -43,6 +52,8 @@ def _add_builtin_commands() -> None:
         config_cmd.get,
         config_cmd.delete,
         config_cmd.schema,
+        explain_cmd.explain,
+        rollout_cmd.rollout,
         plugins_cmd.plugins,
         demo.demo,
     ):

@@ -77,7 +77,8 @@ def _message(
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
             msg = msg[len(prefix) :]
-    msg = msg[:1].lower() + msg[1:]
+    if msg[1:2].islower():  # "Value must be" -> "value must be"; "OK is not" stays
+        msg = msg[:1].lower() + msg[1:]
     return f"key: {msg}" if key_error else msg
 
 
@@ -85,7 +86,9 @@ def _allowed_fields(model: type[BaseModel], path: list[str | int]) -> list[str]:
     """camelCase field names of the model found at `path` inside `model` (best effort)."""
     current: Any = model
     for part in path:
-        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+        if isinstance(part, int):
+            continue  # a list item: `current` is already the item's model
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
             current = None
             break
         fields = {(f.alias or n): f for n, f in current.model_fields.items()}

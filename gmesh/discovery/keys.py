@@ -64,6 +64,23 @@ class MeshKeys:
     def proxy(self, proxy_id: str) -> str:
         return f"{self.proxies_root}{_segment(proxy_id)}"
 
+    # rollouts/ (one state per service), locks/ (leased), stats/ (per process, leased)
+    @property
+    def rollouts_root(self) -> str:
+        return f"{self.prefix}rollouts/"
+
+    def rollout(self, service: str) -> str:
+        return f"{self.rollouts_root}{service}"
+
+    def lock(self, name: str) -> str:
+        return f"{self.prefix}locks/{_segment(name)}"
+
+    def stats_of(self, service: str) -> str:
+        return f"{self.prefix}stats/{service}/"
+
+    def stats(self, service: str, process: str) -> str:
+        return f"{self.stats_of(service)}{_segment(process)}"
+
     # What the catalog watches: [config/, endpoints/ and everything between].
     @property
     def catalog_range(self) -> tuple[str, str]:

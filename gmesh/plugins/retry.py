@@ -75,11 +75,11 @@ class Retry:
                 )
                 if code not in policy.on and not try_expired:
                     raise
-                if not self.budget.try_retry():
-                    self.stats.denied += 1
-                    raise
                 pause = backoff(attempt, policy.backoff_base, policy.backoff_max)
                 if deadline is not None and now + pause >= deadline:
+                    raise
+                if not self.budget.try_retry():
+                    self.stats.denied += 1
                     raise
                 self.stats.retries += 1
                 if pause > 0:

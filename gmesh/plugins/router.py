@@ -186,6 +186,12 @@ class Backoff(SpecModel):
     base: Duration = Field(default=0.025, description="First retry waits up to this (full jitter).")
     max: Duration = Field(default=0.25, description="Cap of the exponential growth.")
 
+    @model_validator(mode="after")
+    def _ordered(self) -> Backoff:
+        if self.base > self.max:
+            raise ValueError("backoff base must not exceed max")
+        return self
+
 
 class RetryPolicy(SpecModel):
     """Retries of attempts that failed before any response header reached the caller."""
@@ -196,6 +202,13 @@ class RetryPolicy(SpecModel):
         default=None, description="Deadline of each attempt; an attempt that runs out is retried."
     )
     backoff: Backoff = Field(default_factory=Backoff)
+
+    @field_validator("per_try_timeout")
+    @classmethod
+    def _positive(cls, timeout: float | None) -> float | None:
+        if timeout is not None and timeout <= 0:
+            raise ValueError("perTryTimeout must be greater than 0")
+        return timeout
 
     @field_validator("on")
     @classmethod
@@ -602,15 +615,15 @@ class Route:
         if rule is None:
             return await next(call)
         call.route = rule
+        if rule.timeout is not None:
+            limit = call.started + rule.timeout
+            if call.deadline is None or limit < call.deadline:
+                call.deadline = limit
         fault = rule.fault
         if fault is not None:
             await _inject(fault, rule, call)
         if rule.remove:
             call.metadata = rule.edit(call.metadata)
-        if rule.timeout is not None:
-            limit = call.started + rule.timeout
-            if call.deadline is None or limit < call.deadline:
-                call.deadline = limit
         call.backend = rule.choose(call)
         if rule.mirror is not None and call.mirror is not None and random.random() < rule.mirror_share:
             self._mirror(call, rule.mirror)

@@ -53,7 +53,8 @@ class RetryBudget:
     def try_retry(self) -> bool:
         """Spend one retry if the budget allows it; False means: do not retry."""
         slot = self._advance()
-        allowed = self.ratio * sum(self._requests) + self.min_per_second * self.window
+        # + 1e-9: 0.29 x 100 is 28.999999999999996 in floating point, and must allow 29.
+        allowed = self.ratio * sum(self._requests) + self.min_per_second * self.window + 1e-9
         if sum(self._retries) + 1 > allowed:
             return False
         self._retries[slot] += 1

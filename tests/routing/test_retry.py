@@ -144,10 +144,6 @@ def test_fractional_seconds_share_a_slot() -> None:
     assert b.usage() == (0, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="float rounding: 0.29 * 100 == 28.999999999999996, so the 29th retry is refused",
-)
 def test_ratio_is_exact_for_whole_percentages() -> None:
     b = budget(FakeClock(), ratio=0.29)
     for _ in range(100):

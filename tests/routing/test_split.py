@@ -99,6 +99,22 @@ def test_key_point_is_stable_and_in_range() -> None:
     assert all(800 <= n <= 1200 for n in tenths.values()), tenths
 
 
+def key_at(point: int) -> str:
+    """A key whose hash lands exactly on `point`."""
+    return next(k for k in (f"key-{i}" for i in range(1_000_000)) if key_point(k) == point)
+
+
+def test_for_key_picks_the_backend_whose_cumulative_weight_covers_the_point() -> None:
+    split = Split(["a", "b", "c"], [50, 30, 20])
+    # a covers [0, 5000), b [5000, 8000), c [8000, 10000)
+    for point, expected in [(0, "a"), (4999, "a"), (5000, "b"), (7999, "b"), (8000, "c"), (9999, "c")]:
+        assert split.for_key(key_at(point)) == expected, point
+    for i in range(2000):
+        key = f"user-{i}"
+        p = key_point(key)
+        assert split.for_key(key) == ("a" if p < 5000 else "b" if p < 8000 else "c"), key
+
+
 def test_sticky_distribution_is_within_2_percent() -> None:
     split = Split(["v1", "v2"], [90, 10])
     sticky = collections.Counter(split.for_key(f"user-{i}") for i in range(10_000))
