@@ -255,6 +255,16 @@ async def stop_workers(watchers: Sequence[Watcher]) -> None:
             await w.proc.wait()
 
 
+def busy_seconds() -> float:
+    """CPU time the whole machine spent busy (all processes, all CPUs), from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -307,6 +317,7 @@ async def measure(phase: Phase, setup: Setup, pids: dict[str, int]) -> None:
         if i == args.warmup:
             cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             cpu0["bench"] = time.process_time()
+            cpu0["machine"] = busy_seconds()
         since = {w.name: len(w.records) for w in phase.watchers}
         value = route_doc(100 - i % 101)
         t0 = time.perf_counter()
@@ -336,6 +347,8 @@ async def measure(phase: Phase, setup: Setup, pids: dict[str, int]) -> None:
         await asyncio.sleep(args.gap)
     phase.cpu = {name: (cpu_seconds(pid) - cpu0[name]) / args.n for name, pid in pids.items()}
     phase.cpu["bench"] = (time.process_time() - cpu0["bench"]) / args.n
+    # whatever else ran on the machine meanwhile (a busy machine spoils the measure)
+    phase.cpu["other"] = max(0.0, (busy_seconds() - cpu0["machine"]) / args.n - sum(phase.cpu.values()))
 
 
 async def inprocess_watchers(count: int, etcd: str, stack: contextlib.AsyncExitStack) -> list[Watcher]:
@@ -483,13 +496,14 @@ def report(phases: list[Phase], args: argparse.Namespace, kinds: Sequence[str]) 
     for phase in phases:
         if not phase.cpu:
             continue
-        workers = [v for name, v in phase.cpu.items() if name not in ("etcd", "bench")]
+        workers = [v for name, v in phase.cpu.items() if name not in ("etcd", "bench", "other")]
         text = f"etcd {phase.cpu['etcd'] * 1000:.2f}, bench process {phase.cpu['bench'] * 1000:.2f}"
         if workers:
             text += (
                 f", watcher processes {sum(workers) * 1000:.2f} together "
                 f"({sum(workers) / len(workers) * 1000:.2f} each)"
             )
+        text += f", anything else on the machine {phase.cpu['other'] * 1000:.2f}"
         print(f"  {phase.title.strip(':')}: {text}")
     complete = [v for v in mesh.slowest if v is not None]
     if complete:
@@ -497,6 +511,15 @@ def report(phases: list[Phase], args: argparse.Namespace, kinds: Sequence[str]) 
         print(
             f"\ntarget: apply -> in use by all {len(mesh.watchers)} p99 <= 25 ms: {verdict} "
             f"({pct(complete, 0.99) * 1000:.2f} ms)"
+        )
+    busy = [p for p in phases if p.cpu.get("other", 0.0) > 0.002]
+    if busy:
+        print(
+            "warning: other processes were busy during "
+            + ", ".join(
+                f"'{p.title.strip(':')}' ({p.cpu['other'] * 1000:.1f} ms CPU per change)" for p in busy
+            )
+            + "; run again on a quiet machine"
         )
 
 

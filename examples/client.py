@@ -1,6 +1,7 @@
 """Call the example `orders` service through the mesh, both ways, and count who served each call.
 
     python examples/client.py [--proxy 127.0.0.1:15001] [--calls 10]
+    python examples/client.py --forever [--rate 50]     # steady traffic via gmesh:///orders
 
 Via the proxy: a plain grpc.aio channel to `gmesh proxy`. In-process: `gmesh.aio.channel`
 ("gmesh:///orders"), the same routing without the proxy hop. Start the servers and the proxy
@@ -9,6 +10,7 @@ as in the README's tour first.
 
 import argparse
 import asyncio
+import contextlib
 from collections import Counter
 
 import grpc.aio
@@ -26,13 +28,40 @@ async def calls(channel: grpc.aio.Channel, n: int) -> Counter[str]:
     return served
 
 
+async def forever(rate: float) -> None:
+    """Steady calls through gmesh:///orders; every 5 s, who served them and how many failed."""
+    async with gmesh.aio.channel("gmesh:///orders") as channel:
+        stub = orders_pb2_grpc.OrdersStub(channel)
+        served: Counter[str] = Counter()
+        loop = asyncio.get_running_loop()
+        report = loop.time() + 5
+        i = 0
+        while True:
+            try:
+                order = await stub.GetOrder(orders_pb2.GetOrderRequest(id=str(i)), timeout=5)
+                served[order.served_by] += 1
+            except grpc.aio.AioRpcError as exc:
+                served[exc.code().name] += 1
+            i += 1
+            await asyncio.sleep(1 / rate)
+            if loop.time() >= report:
+                print("last 5s:", dict(served), flush=True)
+                served.clear()
+                report += 5
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--proxy", default="127.0.0.1:15001", help="address of a running gmesh proxy")
     parser.add_argument("--calls", type=int, default=10, help="calls each way")
+    parser.add_argument("--forever", action="store_true", help="call gmesh:///orders until stopped")
+    parser.add_argument("--rate", type=float, default=50, help="calls per second with --forever")
     args = parser.parse_args()
+    if args.forever:
+        await forever(args.rate)
+        return
     async with grpc.aio.insecure_channel(args.proxy) as channel:
         print("via the proxy:     ", dict(await calls(channel, args.calls)))
     async with gmesh.aio.channel("gmesh:///orders") as channel:
@@ -40,4 +69,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

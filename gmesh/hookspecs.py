@@ -57,7 +57,7 @@ def gmesh_filter_factories() -> list[FilterFactory]:  # type: ignore[empty-body]
     """Give filter factories for the chain every call runs through (proxy and channel alike).
 
     Return a list of objects with `name` (str), `phase` (`gmesh.chain.Phase`: OBSERVE,
-    AUTHENTICATE, AUTHORIZE, LIMIT, ROUTE, RETRY, BALANCE) and
+    AUTHENTICATE, AUTHORIZE, LIMIT, ROUTE, RETRY, ATTEMPT, BALANCE) and
     ``build(service, snapshot) -> Filter | None``. gmesh calls `build` for every mesh
     service whenever the config or the endpoints change, and composes the filters it
     returns in phase order (then plugin order) in front of the forwarder; return None

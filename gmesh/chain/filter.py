@@ -36,6 +36,7 @@ class Phase(IntEnum):
     LIMIT = 400  # rate limits, quotas
     ROUTE = 500  # pick the backend (subset, other service), fault injection, mirroring
     RETRY = 600  # retries and per-try timeouts wrap everything below
+    ATTEMPT = 650  # sees each attempt: per-backend counters, passive health
     BALANCE = 700  # pick one endpoint of the backend (per attempt)
 
 

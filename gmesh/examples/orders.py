@@ -28,8 +28,10 @@ ITEMS = ("espresso", "croissant", "bagel", "matcha", "scone")
 
 
 class Orders(orders_pb2_grpc.OrdersServicer):  # type: ignore[misc]
-    def __init__(self, version: str) -> None:
+    def __init__(self, version: str, fail_percent: float = 0.0) -> None:
         self.version = version
+        self.fail_share = fail_percent / 100
+        self.served = 0
 
     def _order(self, n: int) -> Any:
         return orders_pb2.Order(
@@ -39,6 +41,10 @@ class Orders(orders_pb2_grpc.OrdersServicer):  # type: ignore[misc]
     async def GetOrder(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if not request.id.isdigit():
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no order {request.id!r}")
+        self.served += 1
+        if int(self.served * self.fail_share) != int((self.served - 1) * self.fail_share):
+            # --fail-percent: a broken release, to watch a canary roll back
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"orders {self.version}: simulated failure")
         return self._order(int(request.id))
 
     async def WatchOrders(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -49,9 +55,11 @@ class Orders(orders_pb2_grpc.OrdersServicer):  # type: ignore[misc]
             await asyncio.sleep(0.1)
 
 
-async def serve(listen: str, version: str, *, service: str = "orders", register: bool = True) -> None:
+async def serve(
+    listen: str, version: str, *, service: str = "orders", register: bool = True, fail_percent: float = 0.0
+) -> None:
     server = grpc.aio.server()
-    orders_pb2_grpc.add_OrdersServicer_to_server(Orders(version), server)
+    orders_pb2_grpc.add_OrdersServicer_to_server(Orders(version, fail_percent), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(listen)
@@ -77,9 +85,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", default="v1", help="value of the endpoint's `version` label")
     parser.add_argument("--service", default="orders", help="mesh service name")
     parser.add_argument("--no-register", action="store_true", help="serve without registering in the mesh")
+    parser.add_argument(
+        "--fail-percent", type=float, default=0.0, help="fail this share of GetOrder calls with UNAVAILABLE"
+    )
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.listen, args.version, service=args.service, register=not args.no_register))
+        asyncio.run(
+            serve(
+                args.listen,
+                args.version,
+                service=args.service,
+                register=not args.no_register,
+                fail_percent=args.fail_percent,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Built-in plugin: per-backend call counters (calls, server errors, latency histogram) in the OBSERVE phase.
+"""Built-in plugin: per-backend counters of attempts (calls, server errors, latency histogram).
+
+It runs in the ATTEMPT phase, below retries: a release that fails every tenth call counts
+as failing even when retries hide those failures from callers.
 
 Every process keeps cumulative counters per backend `(service, subset)` of services that
 have a Route, and publishes them to etcd (`stats/<service>/<process>`, leased) once a
@@ -91,7 +94,7 @@ def stats_of(service: str, subset: str | None) -> BackendStats:
 
 
 class CountCalls:
-    """Times the rest of the chain and counts the outcome against the backend the call went to."""
+    """Times one attempt and counts its outcome against the backend it went to."""
 
     __slots__ = ("by_backend", "whole")
 
@@ -122,7 +125,7 @@ class StatsFactory:
     """Counts calls of services that have a Route (the ones rollouts can move)."""
 
     name = "stats"
-    phase = Phase.OBSERVE
+    phase = Phase.ATTEMPT
 
     def build(self, service: str, snapshot: MeshSnapshot) -> Filter | None:
         from gmesh.plugins.router import route_of

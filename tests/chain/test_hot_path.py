@@ -15,7 +15,11 @@ HOT = sorted(
         *(p for p in (GMESH / "channel").glob("*.py") if p.name != "runtime.py"),  # start-up only
         GMESH / "proxy" / "relay.py",
         GMESH / "proxy" / "server.py",
+        *(GMESH / "routing").glob("*.py"),
         GMESH / "plugins" / "balancer.py",
+        GMESH / "plugins" / "router.py",
+        GMESH / "plugins" / "retry.py",
+        GMESH / "plugins" / "stats.py",
     ]
 )
 PROXY = [GMESH / "proxy" / "relay.py", GMESH / "proxy" / "server.py"]

@@ -180,3 +180,14 @@ async def test_abort_rolls_back_a_running_canary(mesh: Mesh, door: Door) -> None
     assert final.phase == rc.ABORTED
     _, doc, _ = await rc._route_of(mesh.store, mesh.keys, kinds, "orders")
     assert rc.default_weights(doc) == {"v1": 100}
+
+
+@pytest.mark.parametrize("door", ["proxy"], indirect=True)
+async def test_canary_sees_failures_that_retries_hide_from_callers(mesh: Mesh, door: Door) -> None:
+    mesh.servers["v2"].servicer.fail_share = 0.10
+    retry = {"attempts": 3, "on": ["UNAVAILABLE"], "backoff": {"base": "1ms", "max": "5ms"}}
+    await route(mesh, door, [rule("default", backends=split(100, 0), retry=retry)])
+    async with load(door) as running:
+        final = await _canary(mesh)
+    assert final.phase == rc.ROLLED_BACK, final.history
+    assert set(running.codes) == {grpc.StatusCode.OK}, "retries should have hidden v2's failures"
