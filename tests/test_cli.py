@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
+from gmesh.config.loader import load_text
 from gmesh.discovery.keys import MeshKeys
 from gmesh.store.etcd import EtcdConfig, Store
 from gmesh.testing.etcd import EtcdMember
@@ -228,7 +229,8 @@ def test_schema_validates_the_examples_and_rejects_typos(gmesh_env: dict[str, st
     assert result.returncode == 0, result.stderr
     schema = json.loads(result.stdout)
     jsonschema.Draft202012Validator.check_schema(schema)
-    docs = [d for p in sorted(EXAMPLES.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    # YAML 1.2 as gmesh (and yaml-language-server) read it: PyYAML's 1.1 would turn the key `on:` into True.
+    docs = [d.data for p in sorted(EXAMPLES.glob("*.yaml")) for d in load_text(p.read_text(), str(p))[0]]
     assert docs, "examples/ has config documents"
     for doc in docs:
         jsonschema.validate(doc, schema)

@@ -295,6 +295,13 @@ def test_rollout_switch_status_and_abort(gmesh_env: dict[str, str], mesh_keys: M
     assert error == "error: no rollout of 'orders' is running"
     assert stored(gmesh_env, mesh_keys, ("Route", "orders")) == [(expected, new_revision)]
 
+    again = ok(gmesh("rollout", "switch", "orders", "--to", "v2", env=gmesh_env)).strip()
+    assert again == f"orders: all traffic to v2 (revision {new_revision})"  # nothing to change: no write
+    assert stored(gmesh_env, mesh_keys, ("Route", "orders")) == [(expected, new_revision)]
+
+    error = one_line_error(gmesh("rollout", "status", "nosuch", env=gmesh_env))
+    assert error == "error: no mesh service 'nosuch' (no Service resource, no endpoints)"
+
 
 # -- 4. help ---------------------------------------------------------------------------------------
 

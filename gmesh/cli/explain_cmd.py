@@ -175,7 +175,10 @@ def render(result: dict[str, Any], n: int) -> str:
     "-n", "--n", "n", type=click.IntRange(1, 1_000_000), default=1, show_default=True,
     help="simulate N calls like this one and print how they spread",
 )  # fmt: skip
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="text for people, json for scripts",
+)  # fmt: skip
 @mesh_options
 def explain(
     target: MeshTarget,

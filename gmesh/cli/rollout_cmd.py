@@ -96,7 +96,7 @@ def canary(
             if existing is not None and existing.phase in (rc.RUNNING, rc.ABORT_REQUESTED):
                 state = existing
             else:
-                _, doc, _ = await rc._route_of(store, target.keys, kinds, service)
+                _, doc, _ = await rc.route_document(store, target.keys, kinds, service)
                 weights = rc.default_weights(doc)
                 baseline = from_ or (max(weights, key=lambda k: weights[k]) if weights else "")
                 if not baseline:
@@ -123,15 +123,14 @@ def status(target: MeshTarget, service: str) -> None:
 
     async def go() -> None:
         async with target.store() as store:
+            await rc.check_service(store, target.keys, service)
             state, _ = await rc.load_state(store, target.keys, service)
-            _, doc, _ = await rc._route_of(store, target.keys, Plugins.load().config_kinds(), service)
+            _, doc, _ = await rc.route_document(store, target.keys, Plugins.load().config_kinds(), service)
             lock = rc.RolloutLock(store, target.keys, service)
             holder = await lock.holder()
         weights = rc.default_weights(doc)
-        click.echo(
-            f"service {service}: weights "
-            + (", ".join(f"{k or '(all)'} {v}%" for k, v in weights.items()) or "none")
-        )
+        spread = ", ".join(f"{k or '(all endpoints)'} {v}%" for k, v in weights.items())
+        click.echo(f"service {service}: weights {spread or 'none set (every endpoint takes calls)'}")
         if state is None:
             click.echo("no rollout yet")
             return

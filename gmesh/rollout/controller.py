@@ -97,7 +97,7 @@ def parse_steps(text: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-async def _route_of(
+async def route_document(
     store: Store, keys: MeshKeys, kinds: KindRegistry, service: str
 ) -> tuple[str, dict[str, Any], int]:
     """(route name, document, mod revision); a new document (revision 0) when no Route names it."""
@@ -157,8 +157,10 @@ async def set_weights(
     """Write the service's Route with the default rule at `weights`, atomically (conditional on the
     Route not having changed since read, and on `guard`). Validated like `gmesh apply`."""
     for _ in range(5):
-        name, doc, revision = await _route_of(store, keys, kinds, service)
+        name, doc, revision = await route_document(store, keys, kinds, service)
         new = with_weights(doc, weights)
+        if revision and new == doc:
+            return revision  # already so: no write, no new revision for every watcher
         raw = json.dumps(new, sort_keys=True, separators=(",", ":")).encode()
         key = keys.config("Route", name)
         parse_stored(raw, kinds, key=key)  # a clear error before anything is written
@@ -173,6 +175,15 @@ async def set_weights(
             if current is None or current.value != guard.value:
                 raise Conflict(f"lost the rollout lock of {service!r} to another controller")
     raise Conflict(f"Route of {service!r} kept changing while being written; try again")
+
+
+async def check_service(store: Store, keys: MeshKeys, service: str) -> None:
+    """NotFound unless `service` has a Service resource or registered endpoints."""
+    if await store.get(keys.config("Service", service)) is not None:
+        return
+    kvs, _ = await store.get_prefix(keys.endpoints_of(service))
+    if not kvs:
+        raise NotFound(f"no mesh service {service!r} (no Service resource, no endpoints)")
 
 
 async def check_subsets(store: Store, keys: MeshKeys, service: str, *subsets: str) -> None:

@@ -101,7 +101,9 @@ async def test_canary_with_a_failing_v2_rolls_back_by_itself(mesh: Mesh, door: D
         final = await _canary(mesh)
         assert final.phase == rc.ROLLED_BACK, final.history
         assert "error rate" in final.reason
-        _, doc, _ = await rc._route_of(mesh.store, mesh.keys, Plugins.builtin_only().config_kinds(), "orders")
+        _, doc, _ = await rc.route_document(
+            mesh.store, mesh.keys, Plugins.builtin_only().config_kinds(), "orders"
+        )
         assert rc.default_weights(doc) == {"v1": 100}
     stored, _ = await rc.load_state(mesh.store, mesh.keys, "orders")
     assert stored is not None and stored.phase == rc.ROLLED_BACK
@@ -178,7 +180,7 @@ async def test_abort_rolls_back_a_running_canary(mesh: Mesh, door: Door) -> None
         assert "abort requested" in message
         final = await asyncio.wait_for(task, timeout=10)
     assert final.phase == rc.ABORTED
-    _, doc, _ = await rc._route_of(mesh.store, mesh.keys, kinds, "orders")
+    _, doc, _ = await rc.route_document(mesh.store, mesh.keys, kinds, "orders")
     assert rc.default_weights(doc) == {"v1": 100}
 
 
