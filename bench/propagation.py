@@ -448,10 +448,14 @@ def report(phases: list[Phase], args: argparse.Namespace, kinds: Sequence[str]) 
         f"{args.n} route changes measured (+{args.warmup} warm-up), one at a time, {args.gap * 1000:g} ms "
         f"apart; timeout {args.timeout:g} s per change"
     )
+    baseline = (
+        ""
+        if args.no_baseline
+        else f"; baseline: {args.watchers} plain Store.watch watchers, as processes and all in this process"
+    )
     print(
         f"watchers: {args.watchers}, each its own process with its own etcd connection and watch "
-        f"({proxies} RunningProxy, {channels} gmesh:/// channel); baseline: {args.watchers} plain "
-        "Store.watch watchers, as processes and all in this process"
+        f"({proxies} RunningProxy, {channels} gmesh:/// channel){baseline}"
     )
     print("apply -> in use: from just before store.put to the watcher's Outbound swap (on_change)\n")
     print(f"{'':40} {'samples':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'missed':>7}")

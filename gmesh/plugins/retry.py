@@ -1,7 +1,8 @@
 """Built-in plugin: the RETRY phase — retries of uncommitted attempts, per-try timeouts, a retry budget.
 
 The matched route rule (`call.route`) carries the policy. An attempt is retried only when
-the front door can replay the request (`call.replayable`), nothing of the response has
+the front door can replay the request (`call.replayable`: unary calls, and proxied streams
+whose requests so far fit the replay buffer), nothing of the response has
 reached the caller (`call.committed`), its status is one the policy names (or its per-try
 timeout ran out while the call's own deadline had not), the service's retry budget has
 room, and the backoff still ends before the caller's deadline. Each retry prefers an
@@ -67,7 +68,7 @@ class Retry:
                 return await next(call)
             except Exception as exc:
                 code = status_of(exc)
-                if code is None or call.committed or attempt >= policy.attempts:
+                if code is None or call.committed or not call.replayable or attempt >= policy.attempts:
                     raise
                 now = time.monotonic()
                 try_expired = (

@@ -96,18 +96,115 @@ async def mirror_unary(call: Call, address: str) -> None:
     )
 
 
+#: How long a retryable stream with empty headers waits for its first message (or its end)
+#: before sending the headers on, which commits it (no retry after that).
+HEADER_GRACE = 0.005
+
+#: Request bytes a stream keeps for retries; beyond this, the call is no longer retried.
+REPLAY_LIMIT = 1024 * 1024
+
+
+class RequestTape:
+    """The caller's request messages, read once and kept (up to `REPLAY_LIMIT` bytes) so a
+    retry can send them again to another endpoint.
+
+    Reads are pulled by the attempt that needs the next message (flow control holds), and
+    run in a task of their own: cancelling a failed attempt's pump never loses a message.
+    Past the limit the tape keeps nothing it has handed out and the call stops being
+    replayable. One attempt reads at a time (the retry filter runs them one after another).
+    """
+
+    __slots__ = ("_base", "_call", "_ended", "_error", "_iter", "_messages", "_reading", "_size")
+
+    def __init__(self, requests: AsyncIterator[bytes], call: Call) -> None:
+        self._iter = requests.__aiter__()
+        self._call = call
+        self._messages: list[bytes] = []
+        self._base = 0  # absolute index of self._messages[0]
+        self._size = 0
+        self._ended = False
+        self._error: BaseException | None = None
+        self._reading: asyncio.Future[bytes] | None = None
+
+    def _read_done(self, future: asyncio.Future[bytes]) -> None:
+        self._reading = None
+        if future.cancelled():
+            self._ended = True
+            return
+        error = future.exception()
+        if error is not None:
+            self._ended = True
+            if not isinstance(error, StopAsyncIteration):
+                self._error = error
+            return
+        message = future.result()
+        self._messages.append(message)
+        self._size += len(message)
+        if self._size > REPLAY_LIMIT:
+            self._call.replayable = False
+
+    async def messages(self) -> AsyncIterator[bytes]:
+        """Every request message from the first, replayed from memory, then read live."""
+        i = 0
+        while True:
+            if i < self._base:
+                raise RuntimeError("request stream is past its replay limit")
+            if i - self._base < len(self._messages):
+                message = self._messages[i - self._base]
+                i += 1
+                if not self._call.replayable:  # nothing is kept past the limit
+                    del self._messages[: i - self._base]
+                    self._base = i
+                yield message
+                continue
+            if self._ended:
+                if self._error is not None:
+                    raise self._error
+                return
+            if self._reading is None:
+                self._reading = asyncio.ensure_future(self._iter.__anext__())
+                self._reading.add_done_callback(self._read_done)
+            try:
+                # shield: a cancelled attempt must not cancel the read the next attempt needs.
+                # _read_done was added to the read first, so it has run when this returns.
+                await asyncio.shield(self._reading)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this attempt is being cancelled (not the read)
+            except Exception:  # the read ended or failed: _read_done recorded it
+                pass
+
+
 async def forward_stream(call: Call) -> None:
     """Any RPC kind: pump requests up, relay headers, messages, trailers and status back."""
     context, requests, pool = call.downstream
     assert call.endpoint is not None
+    if call.attempts:
+        # Under a retry policy: keep what is sent, so a retry can send it again.
+        if not isinstance(requests, RequestTape):
+            requests = RequestTape(requests, call)
+            call.downstream = (context, requests, pool)
+        source: AsyncIterator[bytes] = requests.messages()
+    else:
+        source = requests
     upstream = pool.get(call.endpoint.address).stream_stream(call.method)(
         metadata=call.metadata, timeout=call.upstream_timeout()
     )
     status = StatusWatch(upstream)
     context.add_done_callback(lambda _ctx: upstream.cancel())
-    pump = asyncio.get_running_loop().create_task(_pump(requests, upstream, status))
+    pump = asyncio.get_running_loop().create_task(_pump(source, upstream, status))
+    first: asyncio.Future[Any] | None = None
     try:
         initial = forwardable(await upstream.initial_metadata())
+        if not initial and call.attempts and not upstream.done():
+            # Retryable, and the headers are empty: a trailers-only answer (a refusal: retry)
+            # looks the same until its status lands a moment later. Wait for the first
+            # message or the end, briefly, before committing by sending headers.
+            first = asyncio.ensure_future(upstream.read())
+            await asyncio.wait((first,), timeout=HEADER_GRACE)
+            if first.done() and (first.exception() is not None or first.result() is grpc.aio.EOF):
+                await upstream.code()  # ended: let the status land (done() is then true)
         if not (upstream.done() and await upstream.code() != grpc.StatusCode.OK):
             # Headers first, before any message; an upstream that fails without a message
             # answers trailers-only, and so do we (headers go with the status below).
@@ -115,7 +212,10 @@ async def forward_stream(call: Call) -> None:
             call.committed = True
         while True:
             try:
-                message = await upstream.read()
+                if first is not None:
+                    message, first = await first, None
+                else:
+                    message = await upstream.read()
             except grpc.aio.AioRpcError:
                 break
             if message is grpc.aio.EOF:
@@ -124,10 +224,13 @@ async def forward_stream(call: Call) -> None:
         code, details, trailing = await status.final()
     finally:
         pump.cancel()
+        if first is not None:
+            first.cancel()
         if not upstream.done():
             upstream.cancel()
     if code != grpc.StatusCode.OK:
         if not call.committed and initial:
+            call.committed = True  # the upstream sent headers: no retry
             await context.send_initial_metadata(initial)
         raise CallError(code, details, forwardable(trailing))
     context.set_trailing_metadata(forwardable(trailing))

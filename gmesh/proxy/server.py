@@ -118,7 +118,7 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
                 caller=Caller(peer=context.peer()),
                 downstream=(context, payload, outbound.pool),
                 down=outbound.pool.down,
-                replayable=unary,
+                replayable=True,  # unary: the request is in hand; streams: RequestTape
                 mirror=mirror_unary if unary else None,
             )
             return chain.handler(call)

@@ -38,7 +38,7 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
         self.active = 0
         #: messages written on streams (ServerStream, Bidi), all calls together
         self.sent = 0
-        #: fail this share (0..1) of unary calls with `fail_with`, evenly spread (set from tests)
+        #: fail this share (0..1) of Unary, ClientStream and Bidi calls at once with `fail_with`
         self.fail_share = 0.0
         self.fail_with = grpc.StatusCode.UNAVAILABLE
         self._unary_seen = 0
@@ -81,6 +81,13 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
             deadline_ms=int(remaining * 1000) if remaining is not None else -1,
         )
 
+    async def _maybe_refuse(self, context: grpc.aio.ServicerContext) -> None:
+        """Fail `fail_share` of calls at once (before headers or reading a request), evenly spread."""
+        if self.fail_share:
+            n = self._unary_seen = self._unary_seen + 1
+            if int(n * self.fail_share) != int((n - 1) * self.fail_share):
+                await context.abort(self.fail_with, f"{self.name}: failing {self.fail_share:.0%} of calls")
+
     async def _maybe_fail(self, req: Any, context: grpc.aio.ServicerContext) -> None:
         if req.fail_code:
             trailing = tuple(_pairs(req.trailing_metadata))
@@ -89,12 +96,7 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
     async def Unary(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         with self._call("Unary"):
             self.seen_metadata = [*self.seen_metadata[-99:], dict(context.invocation_metadata() or ())]
-            if self.fail_share:
-                # Evenly spread: call n fails when floor(n * share) steps up.
-                n = self._unary_seen = self._unary_seen + 1
-                if int(n * self.fail_share) != int((n - 1) * self.fail_share):
-                    details = f"{self.name}: failing {self.fail_share:.0%} of calls"
-                    await context.abort(self.fail_with, details)
+            await self._maybe_refuse(context)
             await self._headers(request, context)
             if request.delay_ms:
                 await asyncio.sleep(request.delay_ms / 1000)
@@ -115,6 +117,7 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
 
     async def ClientStream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         with self._call("ClientStream"):
+            await self._maybe_refuse(context)
             last, count = echo_pb2.EchoRequest(), 0
             async for req in request_iterator:
                 last, count = req, count + 1
@@ -124,6 +127,7 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
 
     async def Bidi(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         with self._call("Bidi"):
+            await self._maybe_refuse(context)
             i = 0
             async for req in request_iterator:
                 if i == 0:

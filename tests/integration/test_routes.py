@@ -6,6 +6,7 @@ import asyncio
 import collections
 import statistics
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 import grpc.aio
@@ -208,3 +209,42 @@ async def test_route_changes_under_load_fail_no_call(mesh: Mesh, door: Door) -> 
     # the last split (100/0) is in force: recent calls all on v1
     tail = await many(door, 50)
     assert by_version(tail) == {"v1": 50}
+
+
+@pytest.mark.parametrize("door", ["proxy"], indirect=True)
+async def test_proxied_streams_are_retried_from_a_replay_buffer_up_to_its_limit(
+    mesh: Mesh, door: Door
+) -> None:
+    mesh.servers["v1b"].servicer.fail_share = 1.0  # refuses every stream before reading a message
+    retry = {"attempts": 3, "on": ["UNAVAILABLE"], "backoff": {"base": "1ms", "max": "2ms"}}
+    await route(mesh, door, [rule("default", retry=retry)])
+
+    async def requests(n: int, size: int) -> AsyncIterator[echo_pb2.EchoRequest]:
+        for i in range(n):
+            yield echo_pb2.EchoRequest(message=f"m{i}", payload=b"x" * size)
+
+    for _ in range(30):
+        reply = await door.stub.ClientStream(requests(5, 100), timeout=10)
+        assert reply.index == 5 and reply.message == "m4" and reply.server in ("v1a", "v2")
+        replies = [r async for r in door.stub.Bidi(requests(3, 100), timeout=10)]
+        assert [r.message for r in replies] == ["m0", "m1", "m2"]
+    refused = mesh.servers["v1b"].servicer.calls
+    assert refused.get("ClientStream", 0) + refused.get("Bidi", 0) >= 10, "the refusing endpoint was tried"
+
+    # A stream that fails after the server read it all: retried while its requests fit the
+    # 1 MiB replay buffer (3 attempts), not once they do not (5 x 300 KiB = 1.5 MiB: 1 attempt).
+    def attempts() -> int:
+        return sum(server.servicer.calls.get("ClientStream", 0) for server in mesh.servers.values())
+
+    async def failing(size: int) -> AsyncIterator[echo_pb2.EchoRequest]:
+        for i in range(5):
+            yield echo_pb2.EchoRequest(message=f"m{i}", payload=b"x" * size, fail_code=14)
+
+    mesh.servers["v1b"].servicer.fail_share = 0.0
+    for size, expected in ((100, 3), (300 * 1024, 1)):
+        before = attempts()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await door.stub.ClientStream(failing(size), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        await until(lambda b=before, e=expected: attempts() - b >= e, 5, "attempts reach the endpoints")
+        assert attempts() - before == expected, (size, attempts() - before)
