@@ -11,6 +11,7 @@ and new boundaries (a canary going 10% -> 25% keeps its first 10% of users).
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import random
 import zlib
@@ -23,18 +24,24 @@ SLOTS = 100
 HASH_SPACE = 10_000
 
 
-def smooth_schedule(weights: Sequence[int], slots: int = SLOTS) -> list[int]:
-    """Indexes of `weights` (summing to `slots`) spread out as nginx's smooth WRR does."""
+@functools.lru_cache(maxsize=256)
+def smooth_schedule(weights: tuple[int, ...], slots: int = SLOTS) -> tuple[int, ...]:
+    """Indexes of `weights` (summing to `slots`) spread out as nginx's smooth WRR does.
+
+    Cached: route tables are rebuilt on every config change, with mostly the same splits."""
     total = sum(weights)
     current = [0] * len(weights)
     schedule: list[int] = []
+    indexes = range(len(weights))
     for _ in range(total):
-        for i, w in enumerate(weights):
-            current[i] += w
-        best = max(range(len(weights)), key=lambda i: current[i])
+        best, best_value = 0, None
+        for i in indexes:
+            value = current[i] = current[i] + weights[i]
+            if best_value is None or value > best_value:
+                best, best_value = i, value
         current[best] -= total
         schedule.append(best)
-    return schedule
+    return tuple(schedule)
 
 
 def key_point(key: str) -> int:
@@ -55,7 +62,7 @@ class Split(Generic[T]):
             raise ValueError(f"weights must be >= 0 and sum to {SLOTS}, got {list(weights)}")
         self.choices = tuple(choices)
         self.weights = tuple(weights)
-        order = [choices[i] for i in smooth_schedule(weights)]
+        order = [choices[i] for i in smooth_schedule(tuple(weights))]
         start = random.randrange(SLOTS)  # processes start at different points of the cycle
         self._cursor: Iterator[T] = itertools.cycle(order[start:] + order[:start])
         bounds, acc = [], 0

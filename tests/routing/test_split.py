@@ -43,7 +43,7 @@ def test_zero_weight_choice_is_never_picked() -> None:
 
 
 def test_schedule_interleaves_the_minority_evenly() -> None:
-    schedule = smooth_schedule([90, 10])
+    schedule = smooth_schedule((90, 10))
     assert len(schedule) == 100
     positions = [i for i, choice in enumerate(schedule) if choice == 1]
     assert len(positions) == 10
@@ -52,7 +52,7 @@ def test_schedule_interleaves_the_minority_evenly() -> None:
 
 
 def test_three_way_schedule_has_exact_counts() -> None:
-    schedule = smooth_schedule([50, 30, 20])
+    schedule = smooth_schedule((50, 30, 20))
     assert collections.Counter(schedule) == {0: 50, 1: 30, 2: 20}
     # smooth: the majority never runs more than twice in a row at 50%
     longest = run = 0
