@@ -17,13 +17,13 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from gmesh.chain.call import Call, mirror_metadata, mirror_timeout
+from gmesh.chain.call import Call, Caller, mirror_metadata, mirror_timeout
 from gmesh.channel import runtime
 from gmesh.channel.endpoint import EndpointPool
 from gmesh.channel.outbound import Outbound
@@ -60,8 +60,11 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
         options: Sequence[tuple[str, Any]] | None = None,
         interceptors: Sequence[Any] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        caller_labels: Mapping[str, str] | None = None,
     ) -> None:
         self.service = service
+        #: this process as route rules see the caller (identity comes with mTLS)
+        self.caller = Caller(labels=dict(caller_labels or {}))
         self._etcd = etcd
         self._keys = MeshKeys(prefix or os.environ.get("GMESH_PREFIX") or DEFAULT_PREFIX)
         self._pool = EndpointPool(extra_options=options, interceptors=interceptors, credentials=credentials)
@@ -190,13 +193,16 @@ def channel(
     interceptors: Sequence[Any] | None = None,
     credentials: grpc.ChannelCredentials | None = None,
     prefix: str | None = None,
+    caller_labels: Mapping[str, str] | None = None,
 ) -> MeshChannel:
     """A `grpc.aio.Channel` to the mesh service in `target` (`gmesh:///orders`).
 
     `etcd`: URLs (default `GMESH_ETCD`, else the embedded etcd); `options`, `interceptors`,
     `credentials`: as for `grpc.aio.secure_channel`, applied to every endpoint channel;
-    `prefix`: the mesh's key prefix (default `GMESH_PREFIX` or `/gmesh/v1/`). The channel
-    connects on first use; `await channel.close()` releases everything.
+    `prefix`: the mesh's key prefix (default `GMESH_PREFIX` or `/gmesh/v1/`);
+    `caller_labels`: labels of this workload, which Route rules match with
+    `match.caller.labels`. The channel connects on first use; `await channel.close()`
+    releases everything.
     """
     return MeshChannel(
         parse_target(target),
@@ -205,6 +211,7 @@ def channel(
         options=options,
         interceptors=interceptors,
         credentials=credentials,
+        caller_labels=caller_labels,
     )
 
 
@@ -238,6 +245,7 @@ def _make_call(
         service,
         forward,
         downstream=downstream,
+        caller=mesh.caller,
         down=mesh._pool.down,
         replayable=unary,
         mirror=_mirror_unary if unary else None,

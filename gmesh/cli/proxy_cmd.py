@@ -9,7 +9,7 @@ import time
 import click
 
 from gmesh.cli.common import DURATION, MeshTarget, age, mesh_options, run, table
-from gmesh.discovery.endpoint import parse_address
+from gmesh.discovery.endpoint import parse_address, parse_label
 from gmesh.errors import InvalidArgument
 from gmesh.store.connect import resolve_etcd
 from gmesh.store.embedded import data_dir
@@ -61,6 +61,14 @@ def parse_size(text: str) -> int:
     "[default: in the gmesh data dir, per listen port]",
 )
 @click.option(
+    "--caller-label",
+    "caller_labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="a label of the workload this proxy serves (repeatable); Route rules match calls "
+    "through it with match.caller.labels",
+)
+@click.option(
     "--worker-index",
     type=int,
     default=None,
@@ -76,6 +84,7 @@ def proxy(
     drain_timeout: float,
     max_message_size: str,
     snapshot_file: str | None,
+    caller_labels: tuple[str, ...],
     worker_index: int | None,
 ) -> None:
     """Run the standalone proxy: any gRPC method, routed to mesh services, raw bytes.
@@ -94,6 +103,7 @@ def proxy(
     if admin:
         parse_address(admin)
     max_bytes = parse_size(max_message_size)
+    labels = dict(parse_label(text) for text in caller_labels)
     if workers > 1 and worker_index is None:
         argv = [a for a in sys.argv[1:]]
         raise SystemExit(supervise(argv, workers))
@@ -113,6 +123,7 @@ def proxy(
             snapshot_file=snapshot,
             worker=index,
             workers=workers,
+            caller_labels=labels,
         )
 
         def announce(p: object) -> None:

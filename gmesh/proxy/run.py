@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class ProxySettings:
     snapshot_file: Path | None = None
     worker: int = 0
     workers: int = 1
+    #: labels of the workload this proxy serves (a sidecar's app): routes match them as the caller's
+    caller_labels: dict[str, str] = field(default_factory=dict)
 
 
 class RunningProxy:
@@ -91,7 +93,9 @@ class RunningProxy:
         self.catalog = Catalog(self.store, s.keys, plugins.config_kinds(), persist_path=s.snapshot_file)
         pool = EndpointPool(max_message_bytes=s.max_message_bytes, drain_timeout=s.drain_timeout)
         self.outbound = Outbound(self.catalog, plugins.filter_factories(), pool=pool)
-        self.server = ProxyServer(self.outbound, s.listen, max_message_bytes=s.max_message_bytes)
+        self.server = ProxyServer(
+            self.outbound, s.listen, max_message_bytes=s.max_message_bytes, caller_labels=s.caller_labels
+        )
         if s.admin:
             self.admin = AdminServer(self.outbound, s.admin, self.info)
             await self.admin.start()

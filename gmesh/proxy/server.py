@@ -56,8 +56,10 @@ class _Route:
 class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
     """Resolves every incoming method to a prepared handler (cached per method and state)."""
 
-    def __init__(self, outbound: Outbound) -> None:
+    def __init__(self, outbound: Outbound, caller_labels: dict[str, str] | None = None) -> None:
         self.outbound = outbound
+        #: the workload behind this proxy, as route rules see the caller (identity comes with mTLS)
+        self.caller_labels = caller_labels or {}
         self._routes: dict[str, _Route] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -80,6 +82,7 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
         self, method: str, default: str | None, ambiguous: tuple[str, ...], kind: MethodKind | None
     ) -> grpc.RpcMethodHandler:
         outbound = self.outbound
+        caller_labels = self.caller_labels
         grpc_service = method[1:].partition("/")[0]
 
         def destination(metadata: Any) -> str:
@@ -115,7 +118,7 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
                 service,
                 forward,
                 kind=kind,
-                caller=Caller(peer=context.peer()),
+                caller=Caller(peer=context.peer(), labels=caller_labels),
                 downstream=(context, payload, outbound.pool),
                 down=outbound.pool.down,
                 replayable=True,  # unary: the request is in hand; streams: RequestTape
@@ -160,11 +163,18 @@ def bind(server: grpc.aio.Server, listen: str) -> str:
 class ProxyServer:
     """The listening side: a grpc.aio server whose only handler is `Inbound`."""
 
-    def __init__(self, outbound: Outbound, listen: str, *, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        outbound: Outbound,
+        listen: str,
+        *,
+        max_message_bytes: int,
+        caller_labels: dict[str, str] | None = None,
+    ) -> None:
         self.outbound = outbound
         self.listen = listen
         self.server = grpc.aio.server(options=server_options(max_message_bytes))
-        self.server.add_generic_rpc_handlers([Inbound(outbound)])
+        self.server.add_generic_rpc_handlers([Inbound(outbound, caller_labels or {})])
         self.address = bind(self.server, listen)
 
     async def start(self) -> None:

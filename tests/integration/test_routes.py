@@ -7,13 +7,17 @@ import collections
 import statistics
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import grpc.aio
 import pytest
-from conftest import Door, Mesh, by_version, many, route, rule, split, until
+from conftest import Door, Mesh, by_version, many, route, rule, split, start_proxy, until
 
-from gmesh.v1 import echo_pb2
+import gmesh.aio
+from gmesh.discovery.keys import MeshKeys
+from gmesh.testing.etcd import EtcdMember
+from gmesh.v1 import echo_pb2, echo_pb2_grpc
 
 
 async def test_weighted_split_is_exact_and_sticky_keys_stay_on_one_side(mesh: Mesh, door: Door) -> None:
@@ -248,3 +252,29 @@ async def test_proxied_streams_are_retried_from_a_replay_buffer_up_to_its_limit(
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         await until(lambda b=before, e=expected: attempts() - b >= e, 5, "attempts reach the endpoints")
         assert attempts() - before == expected, (size, attempts() - before)
+
+
+async def test_caller_labels_of_a_proxy_and_of_a_channel_match_rules(
+    mesh: Mesh, etcd_server: EtcdMember, mesh_keys: MeshKeys, tmp_path: Path
+) -> None:
+    rules = [
+        rule("web-team", match={"caller": {"labels": {"team": "web"}}}, backends=[{"subset": "v2"}]),
+        rule("default", backends=[{"subset": "v1"}]),
+    ]
+    revision = await mesh.put("Route", "orders", {"service": "orders", "rules": rules})
+    for labels, expected in (({"team": "web"}, "v2"), ({"team": "batch"}, "v1"), ({}, "v1")):
+        proxy = await start_proxy(etcd_server, mesh_keys, tmp_path, caller_labels=labels)
+        try:
+            await proxy.catalog.wait_for(lambda s: s.revision >= revision, timeout=5)
+            async with grpc.aio.insecure_channel(proxy.address) as ch:
+                reply = await echo_pb2_grpc.EchoStub(ch).Unary(echo_pb2.EchoRequest(), timeout=5)
+            assert reply.server[:2] == expected, (labels, reply.server)
+        finally:
+            await proxy.stop(0)
+        async with gmesh.aio.channel(
+            "gmesh:///orders", etcd=etcd_server.url, prefix=mesh_keys.prefix, caller_labels=labels
+        ) as ch:
+            outbound = await ch.outbound()
+            await outbound.catalog.wait_for(lambda s: s.revision >= revision, timeout=5)
+            reply = await echo_pb2_grpc.EchoStub(ch).Unary(echo_pb2.EchoRequest(), timeout=5)
+        assert reply.server[:2] == expected, (labels, reply.server)
