@@ -38,6 +38,7 @@ BUILTINS: dict[str, str] = {
     "router": "gmesh.plugins.router",
     "retry": "gmesh.plugins.retry",
     "stats": "gmesh.plugins.stats",
+    "breaker": "gmesh.plugins.breaker",
 }
 #: Built-ins gmesh cannot work without; GMESH_DISABLE_PLUGINS cannot remove them.
 ESSENTIAL = frozenset({"service", "balancer"})

@@ -17,14 +17,17 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 
 
 class Caller:
-    """Who is calling: mesh identity (filled by mTLS, later) and labels of the calling workload."""
+    """Who is calling: mesh identity (filled by mTLS, later), labels and zone of the calling workload."""
 
-    __slots__ = ("identity", "labels", "peer")
+    __slots__ = ("identity", "labels", "peer", "zone")
 
-    def __init__(self, peer: str = "", identity: str = "", labels: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, peer: str = "", identity: str = "", labels: dict[str, str] | None = None, zone: str = ""
+    ) -> None:
         self.peer = peer
         self.identity = identity
         self.labels = labels or {}
+        self.zone = zone
 
 
 ANONYMOUS = Caller()

@@ -61,10 +61,12 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
         interceptors: Sequence[Any] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         caller_labels: Mapping[str, str] | None = None,
+        zone: str | None = None,
     ) -> None:
         self.service = service
-        #: this process as route rules see the caller (identity comes with mTLS)
-        self.caller = Caller(labels=dict(caller_labels or {}))
+        #: this process as route rules and zone-aware balancers see the caller
+        zone = os.environ.get("GMESH_ZONE", "") if zone is None else zone
+        self.caller = Caller(labels=dict(caller_labels or {}), zone=zone)
         self._etcd = etcd
         self._keys = MeshKeys(prefix or os.environ.get("GMESH_PREFIX") or DEFAULT_PREFIX)
         self._pool = EndpointPool(extra_options=options, interceptors=interceptors, credentials=credentials)
@@ -194,6 +196,7 @@ def channel(
     credentials: grpc.ChannelCredentials | None = None,
     prefix: str | None = None,
     caller_labels: Mapping[str, str] | None = None,
+    zone: str | None = None,
 ) -> MeshChannel:
     """A `grpc.aio.Channel` to the mesh service in `target` (`gmesh:///orders`).
 
@@ -201,7 +204,8 @@ def channel(
     `credentials`: as for `grpc.aio.secure_channel`, applied to every endpoint channel;
     `prefix`: the mesh's key prefix (default `GMESH_PREFIX` or `/gmesh/v1/`);
     `caller_labels`: labels of this workload, which Route rules match with
-    `match.caller.labels`. The channel connects on first use; `await channel.close()`
+    `match.caller.labels`; `zone`: where this process runs (default `GMESH_ZONE`), for
+    zone-aware balancing. The channel connects on first use; `await channel.close()`
     releases everything.
     """
     return MeshChannel(
@@ -212,6 +216,7 @@ def channel(
         interceptors=interceptors,
         credentials=credentials,
         caller_labels=caller_labels,
+        zone=zone,
     )
 
 

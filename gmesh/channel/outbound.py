@@ -11,15 +11,18 @@ their own forwarder (how messages cross to and from the caller).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from gmesh.balancer.state import REGISTRY
 from gmesh.chain.compose import ChainTable, ServiceChain, build_table
 from gmesh.chain.filter import FilterFactory
 from gmesh.channel.endpoint import EndpointPool
+from gmesh.channel.health import HealthChecks
 from gmesh.discovery.catalog import Catalog, MeshSnapshot
 from gmesh.discovery.endpoint import MethodKind
 from gmesh.plugins.stats import StatsPublisher
@@ -58,6 +61,11 @@ class Outbound:
         self._listeners: list[Callable[[OutboundState], None]] = []
         # Per-backend counters go to etcd for canary rollouts (one publisher per process and mesh).
         self._publisher = StatsPublisher.acquire(catalog.store, catalog.keys)
+        self.registry = REGISTRY
+        self.health = HealthChecks(self.pool, self.registry)
+        self._refresh_pending = False
+        # Health or ejection changed: new pickers without (or with again) that endpoint.
+        self._unlisten = self.registry.listen(self._schedule_refresh)
         self._unsubscribe = catalog.subscribe(self._on_snapshot)
         if catalog.snapshot.source != "empty":
             self._on_snapshot(catalog.snapshot)
@@ -66,7 +74,18 @@ class Outbound:
         """Call `listener(state)` after each swap (the proxy republishes its record)."""
         self._listeners.append(listener)
 
-    def _on_snapshot(self, snapshot: MeshSnapshot) -> None:
+    def _schedule_refresh(self) -> None:
+        if self._refresh_pending:
+            return
+        self._refresh_pending = True
+        asyncio.get_running_loop().call_soon(self._refresh)
+
+    def _refresh(self) -> None:
+        self._refresh_pending = False
+        if self.state.snapshot.source != "empty":
+            self._on_snapshot(self.state.snapshot, health_only=True)
+
+    def _on_snapshot(self, snapshot: MeshSnapshot, *, health_only: bool = False) -> None:
         started = time.perf_counter()
         table = build_table(snapshot, self.factories)
         kinds: dict[str, MethodKind] = {}
@@ -74,7 +93,9 @@ class Outbound:
             for ep in endpoints:
                 kinds.update(ep.methods)
         self.state = OutboundState(snapshot, table, MappingProxyType(kinds), time.time())
-        self.pool.sync(ep.address for eps in snapshot.endpoints.values() for ep in eps)
+        if not health_only:
+            self.pool.sync(ep.address for eps in snapshot.endpoints.values() for ep in eps)
+            self.health.sync(snapshot)
         log.debug(
             "compiled %d chains for revision %d in %.2f ms",
             len(table.chains),
@@ -89,5 +110,7 @@ class Outbound:
 
     async def close(self, grace: float | None = None) -> None:
         self._unsubscribe()
+        self._unlisten()
+        await self.health.close()
         await self._publisher.release()
         await self.pool.close(grace)

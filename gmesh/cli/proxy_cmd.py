@@ -69,6 +69,20 @@ def parse_size(text: str) -> int:
     "through it with match.caller.labels",
 )
 @click.option(
+    "--zone",
+    envvar="GMESH_ZONE",
+    default="",
+    help="the zone this proxy runs in; Services with balancer.zoneAware prefer endpoints "
+    "there [env GMESH_ZONE]",
+)
+@click.option(
+    "--max-connection-age",
+    type=DURATION,
+    default=None,
+    help="clients reconnect after this long (GOAWAY; calls in flight get 30 s more), so their "
+    "connections spread again over workers and proxies [default: never]",
+)
+@click.option(
     "--worker-index",
     type=int,
     default=None,
@@ -85,6 +99,8 @@ def proxy(
     max_message_size: str,
     snapshot_file: str | None,
     caller_labels: tuple[str, ...],
+    zone: str,
+    max_connection_age: float | None,
     worker_index: int | None,
 ) -> None:
     """Run the standalone proxy: any gRPC method, routed to mesh services, raw bytes.
@@ -124,6 +140,8 @@ def proxy(
             worker=index,
             workers=workers,
             caller_labels=labels,
+            zone=zone,
+            max_connection_age=max_connection_age,
         )
 
         def announce(p: object) -> None:

@@ -44,11 +44,16 @@ def status_of(exc: BaseException) -> grpc.StatusCode | None:
 class Retry:
     """Runs the rest of the chain once, or again per the rule's retry policy."""
 
-    __slots__ = ("budget", "stats")
+    __slots__ = ("breaker", "budget", "max_retries", "stats")
 
-    def __init__(self, budget: RetryBudget, stats: RetryStats) -> None:
+    def __init__(
+        self, budget: RetryBudget, stats: RetryStats, breaker: Any = None, max_retries: int | None = None
+    ) -> None:
         self.budget = budget
         self.stats = stats
+        #: the service's circuit-breaker counts, when it caps retries in flight (maxRetries)
+        self.breaker = breaker
+        self.max_retries = max_retries
 
     async def __call__(self, call: Call, next: Handler) -> Any:
         self.budget.record_request()
@@ -59,12 +64,19 @@ class Retry:
         deadline = call.deadline
         per_try = policy.per_try_timeout
         attempt = 1
+        breaker = self.breaker
         while True:
             call.attempts = attempt
             if per_try is not None:
                 limit = time.monotonic() + per_try
                 call.deadline = limit if deadline is None or limit < deadline else deadline
             try:
+                if attempt > 1 and breaker is not None:
+                    breaker.retries += 1
+                    try:
+                        return await next(call)
+                    finally:
+                        breaker.retries -= 1
                 return await next(call)
             except Exception as exc:
                 code = status_of(exc)
@@ -78,6 +90,13 @@ class Retry:
                     raise
                 pause = backoff(attempt, policy.backoff_base, policy.backoff_max)
                 if deadline is not None and now + pause >= deadline:
+                    raise
+                if (
+                    breaker is not None
+                    and self.max_retries is not None
+                    and breaker.retries >= self.max_retries
+                ):
+                    self.stats.denied += 1
                     raise
                 if not self.budget.try_retry():
                     self.stats.denied += 1
@@ -134,6 +153,11 @@ class RetryFactory:
             budget, stats = RetryBudget(ratio, floor, window), stats or RetryStats()
             self.budgets[service] = (budget, stats)
         assert stats is not None
+        limits = getattr(resource.spec, "circuit_breaker", None) if resource is not None else None
+        if limits is not None and limits.max_retries is not None:
+            from gmesh.plugins.breaker import state_of
+
+            return Retry(budget, stats, state_of(service), limits.max_retries)
         return Retry(budget, stats)
 
 

@@ -32,6 +32,7 @@ import grpc.aio
 
 from gmesh.chain.call import Call, Metadata, mirror_metadata, mirror_timeout
 from gmesh.channel.status import StatusWatch
+from gmesh.config.types import format_duration
 from gmesh.errors import CallError
 
 #: Metadata that belongs to one HTTP/2 hop (or that grpc sets itself), never forwarded.
@@ -178,13 +179,13 @@ class RequestTape:
 
 async def forward_stream(call: Call) -> None:
     """Any RPC kind: pump requests up, relay headers, messages, trailers and status back."""
-    context, requests, pool = call.downstream
+    context, requests, pool, max_age = call.downstream
     assert call.endpoint is not None
     if call.attempts:
         # Under a retry policy: keep what is sent, so a retry can send it again.
         if not isinstance(requests, RequestTape):
             requests = RequestTape(requests, call)
-            call.downstream = (context, requests, pool)
+            call.downstream = (context, requests, pool, max_age)
         source: AsyncIterator[bytes] = requests.messages()
     else:
         source = requests
@@ -193,8 +194,19 @@ async def forward_stream(call: Call) -> None:
     )
     status = StatusWatch(upstream)
     context.add_done_callback(lambda _ctx: upstream.cancel())
-    pump = asyncio.get_running_loop().create_task(_pump(source, upstream, status))
+    loop = asyncio.get_running_loop()
+    pump = loop.create_task(_pump(source, upstream, status))
     first: asyncio.Future[Any] | None = None
+    aged: list[bool] = []
+    if max_age is not None:
+        # The Service's maxStreamAge: end the upstream side; the caller gets a clean status
+        # between two messages (never a reset mid-message) telling it to reconnect.
+        def expire() -> None:
+            aged.append(True)
+            upstream.cancel()
+
+        timer = loop.call_later(max_age, expire)
+        context.add_done_callback(lambda _ctx: timer.cancel())
     try:
         initial = forwardable(await upstream.initial_metadata())
         if not initial and call.attempts and not upstream.done():
@@ -228,6 +240,12 @@ async def forward_stream(call: Call) -> None:
             first.cancel()
         if not upstream.done():
             upstream.cancel()
+    if aged:
+        raise CallError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"gmesh: stream reached its maximum age ({format_duration(max_age)}); reconnect",
+            (("x-gmesh-stream-max-age", "1"),),
+        )
     if code != grpc.StatusCode.OK:
         if not call.committed and initial:
             call.committed = True  # the upstream sent headers: no retry

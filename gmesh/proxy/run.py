@@ -49,6 +49,10 @@ class ProxySettings:
     workers: int = 1
     #: labels of the workload this proxy serves (a sidecar's app): routes match them as the caller's
     caller_labels: dict[str, str] = field(default_factory=dict)
+    #: the zone of the workload this proxy serves (zone-aware balancing)
+    zone: str = ""
+    #: clients reconnect after this long (None: never), so connections rebalance over workers
+    max_connection_age: float | None = None
 
 
 class RunningProxy:
@@ -94,7 +98,12 @@ class RunningProxy:
         pool = EndpointPool(max_message_bytes=s.max_message_bytes, drain_timeout=s.drain_timeout)
         self.outbound = Outbound(self.catalog, plugins.filter_factories(), pool=pool)
         self.server = ProxyServer(
-            self.outbound, s.listen, max_message_bytes=s.max_message_bytes, caller_labels=s.caller_labels
+            self.outbound,
+            s.listen,
+            max_message_bytes=s.max_message_bytes,
+            caller_labels=s.caller_labels,
+            zone=s.zone,
+            max_connection_age=s.max_connection_age,
         )
         if s.admin:
             self.admin = AdminServer(self.outbound, s.admin, self.info)

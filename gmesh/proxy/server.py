@@ -32,8 +32,15 @@ log = logging.getLogger(__name__)
 SERVICE_HEADER = "x-gmesh-service"
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+def server_options(max_message_bytes: int, max_connection_age: float | None = None) -> list[tuple[str, Any]]:
+    age = [] if max_connection_age is None else [
+        # Clients reconnect (GOAWAY) after this long, so they spread again over proxy workers;
+        # calls in flight get another 30 s to finish.
+        ("grpc.max_connection_age_ms", int(max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", 30_000),
+    ]  # fmt: skip
     return [
+        *age,
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 1),  # --workers: several processes share the port
@@ -56,10 +63,14 @@ class _Route:
 class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
     """Resolves every incoming method to a prepared handler (cached per method and state)."""
 
-    def __init__(self, outbound: Outbound, caller_labels: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, outbound: Outbound, caller_labels: dict[str, str] | None = None, zone: str = ""
+    ) -> None:
         self.outbound = outbound
         #: the workload behind this proxy, as route rules see the caller (identity comes with mTLS)
         self.caller_labels = caller_labels or {}
+        #: the zone calls come from (zone-aware balancing prefers endpoints there)
+        self.zone = zone
         self._routes: dict[str, _Route] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -82,7 +93,7 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
         self, method: str, default: str | None, ambiguous: tuple[str, ...], kind: MethodKind | None
     ) -> grpc.RpcMethodHandler:
         outbound = self.outbound
-        caller_labels = self.caller_labels
+        caller_labels, zone = self.caller_labels, self.zone
         grpc_service = method[1:].partition("/")[0]
 
         def destination(metadata: Any) -> str:
@@ -118,8 +129,12 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
                 service,
                 forward,
                 kind=kind,
-                caller=Caller(peer=context.peer(), labels=caller_labels),
-                downstream=(context, payload, outbound.pool),
+                caller=Caller(peer=context.peer(), labels=caller_labels, zone=zone),
+                downstream=(
+                    (context, payload, outbound.pool)
+                    if unary
+                    else (context, payload, outbound.pool, _max_stream_age(outbound.state, service))
+                ),
                 down=outbound.pool.down,
                 replayable=True,  # unary: the request is in hand; streams: RequestTape
                 mirror=mirror_unary if unary else None,
@@ -147,6 +162,11 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
         return grpc.stream_stream_rpc_method_handler(stream)
 
 
+def _max_stream_age(state: OutboundState, service: str) -> float | None:
+    resource = state.snapshot.resource("Service", service)
+    return getattr(resource.spec, "max_stream_age", None) if resource is not None else None
+
+
 def _default_timeout(state: OutboundState, service: str) -> float | None:
     resource = state.snapshot.resource("Service", service)
     return getattr(resource.spec, "timeout", None) if resource is not None else None
@@ -170,11 +190,13 @@ class ProxyServer:
         *,
         max_message_bytes: int,
         caller_labels: dict[str, str] | None = None,
+        zone: str = "",
+        max_connection_age: float | None = None,
     ) -> None:
         self.outbound = outbound
         self.listen = listen
-        self.server = grpc.aio.server(options=server_options(max_message_bytes))
-        self.server.add_generic_rpc_handlers([Inbound(outbound, caller_labels or {})])
+        self.server = grpc.aio.server(options=server_options(max_message_bytes, max_connection_age))
+        self.server.add_generic_rpc_handlers([Inbound(outbound, caller_labels or {}, zone)])
         self.address = bind(self.server, listen)
 
     async def start(self) -> None:

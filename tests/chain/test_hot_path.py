@@ -20,6 +20,7 @@ HOT = sorted(
         GMESH / "plugins" / "router.py",
         GMESH / "plugins" / "retry.py",
         GMESH / "plugins" / "stats.py",
+        GMESH / "plugins" / "breaker.py",
     ]
 )
 PROXY = [GMESH / "proxy" / "relay.py", GMESH / "proxy" / "server.py"]
