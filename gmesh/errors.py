@@ -55,11 +55,16 @@ class CallError(GmeshError):
         code: grpc.StatusCode,
         details: str,
         trailing_metadata: tuple[tuple[str, str | bytes], ...] = (),
+        *,
+        endpoint_fault: bool = True,
     ) -> None:
         super().__init__(details)
         self.status = code
         self.details = details
         self.trailing_metadata = trailing_metadata
+        #: False when the mesh ended the call on purpose (a stream's max age), so it must not
+        #: count against the endpoint (outlier detection, rollout counters)
+        self.endpoint_fault = endpoint_fault
 
 
 @dataclass(frozen=True, slots=True)

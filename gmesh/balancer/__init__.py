@@ -190,7 +190,9 @@ class RingHash:
         return self.owners[i if i < len(self.owners) else 0]
 
 
-_MAGLEV_SIZES = (1031, 10007, 65537, 131071)  # primes; the table holds >= ~100 slots per endpoint
+#: Maglev table size (prime; Envoy's default). Fixed: a size that changed with the number of
+#: endpoints would remap nearly every key when it changed.
+MAGLEV_SIZE = 65537
 
 
 class Maglev:
@@ -203,7 +205,7 @@ class Maglev:
         self.endpoints = tuple(sorted(endpoints, key=lambda e: e.address))
         self.key = key
         n = len(self.endpoints)
-        size = next((m for m in _MAGLEV_SIZES if m >= 100 * n), _MAGLEV_SIZES[-1])
+        size = MAGLEV_SIZE
         table = [-1] * size
         if n:
             offsets = [hash64(e.address + "#offset") % size for e in self.endpoints]

@@ -61,8 +61,9 @@ class EndpointState:
         self.ejected_until = 0.0
         self.ejections = 0
 
-    def observe(self, seconds: float, failed: bool, now: float) -> None:
-        """Record one finished attempt: latency into the peak EWMA, outcome into the counters."""
+    def observe(self, seconds: float | None, failed: bool, now: float) -> None:
+        """Record one finished attempt: latency (None: not a measure of speed, e.g. a stream)
+        into the peak EWMA, outcome into the counters."""
         self.calls += 1
         self.interval_calls += 1
         if failed:
@@ -71,6 +72,8 @@ class EndpointState:
             self.consecutive_errors += 1
         else:
             self.consecutive_errors = 0
+        if seconds is None:
+            return
         if seconds > self.ewma:
             self.ewma = seconds  # peak: a slow answer counts at once
         else:
@@ -104,8 +107,12 @@ class Registry:
 
     def __init__(self) -> None:
         self.states: dict[tuple[str, str], EndpointState] = {}
-        #: bumped on every change that should rebuild pickers
+        #: bumped on every change that should rebuild pickers; per service in `generations`
         self.generation = 0
+        self.generations: dict[str, int] = {}
+        self.everything = 0
+        #: (service, address) -> the health checker that probes it (one per process)
+        self.health_owners: dict[tuple[str, str], object] = {}
         self._listeners: list[Callable[[], None]] = []
 
     def get(self, service: str, address: str) -> EndpointState:
@@ -123,11 +130,20 @@ class Registry:
         for key in [k for k in self.states if k not in keep]:
             del self.states[key]
 
-    def changed(self) -> None:
-        """Health or ejection changed: rebuild pickers (listeners debounce)."""
+    def changed(self, service: str | None = None) -> None:
+        """Health or ejection changed (of `service`'s endpoints, None: of any): rebuild pickers
+        (listeners debounce)."""
         self.generation += 1
+        if service is not None:
+            self.generations[service] = self.generation
+        else:
+            self.everything = self.generation
         for listener in list(self._listeners):
             listener()
+
+    def service_generation(self, service: str) -> int:
+        """Changes so far that concern `service` (its pickers are rebuilt when this moves)."""
+        return max(self.generations.get(service, 0), self.everything)
 
     def listen(self, listener: Callable[[], None]) -> Callable[[], None]:
         self._listeners.append(listener)

@@ -28,7 +28,7 @@ from gmesh.channel import runtime
 from gmesh.channel.endpoint import EndpointPool
 from gmesh.channel.outbound import Outbound
 from gmesh.channel.status import StatusWatch
-from gmesh.discovery.endpoint import check_service_name
+from gmesh.discovery.endpoint import MethodKind, check_service_name
 from gmesh.discovery.keys import DEFAULT_PREFIX, MeshKeys
 from gmesh.errors import CallError, InvalidArgument
 from gmesh.store.connect import resolve_etcd
@@ -79,7 +79,7 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
 
     async def _start(self) -> Outbound:
         config = self._etcd if isinstance(self._etcd, EtcdConfig) else await resolve_etcd(self._etcd)
-        self._shared, self._outbound = await runtime.acquire(config, self._keys, self._pool)
+        self._shared, self._outbound = await runtime.acquire(config, self._keys, self._pool, self.service)
         return self._outbound
 
     def _outbound_or_start(self) -> Outbound | asyncio.Task[Outbound]:
@@ -249,6 +249,7 @@ def _make_call(
         None if timeout is None else time.monotonic() + timeout,
         service,
         forward,
+        kind=MethodKind.UNARY if unary else None,
         downstream=downstream,
         caller=mesh.caller,
         down=mesh._pool.down,

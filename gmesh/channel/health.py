@@ -32,32 +32,57 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 class HealthChecks:
     """One checking task per (service, endpoint) with a `healthCheck` policy; kept in step with snapshots."""
 
-    def __init__(self, pool: EndpointPool, registry: Registry) -> None:
+    def __init__(self, pool: EndpointPool, registry: Registry, scope: str | None = None) -> None:
         self.pool = pool
         self.registry = registry
+        #: None: every service (a proxy); else the one service a channel calls, and the
+        #: services its Route sends calls to
+        self.scope = scope
         self._tasks: dict[tuple[str, str], tuple[Any, asyncio.Task[None]]] = {}
 
+    def _services(self, snapshot: MeshSnapshot) -> list[str]:
+        if self.scope is None:
+            return snapshot.services()
+        services = {self.scope}
+        for route in snapshot.resources.get("Route", {}).values():
+            if getattr(route.spec, "service", None) == self.scope:
+                for rule in route.spec.rules:  # type: ignore[attr-defined]
+                    services.update(b.service for b in rule.backends if b.service)
+        return sorted(services)
+
     def sync(self, snapshot: MeshSnapshot) -> None:
+        """Check what `snapshot` asks for; one checker per endpoint in the process (the first
+        to ask owns it; when it closes, the next sync elsewhere takes over)."""
         wanted: dict[tuple[str, str], Any] = {}
-        for service in snapshot.services():
+        owners = self.registry.health_owners
+        for service in self._services(snapshot):
             resource = snapshot.resource("Service", service)
             spec = getattr(resource.spec, "health_check", None) if resource is not None else None
             if spec is None:
                 continue
             for endpoint in snapshot.endpoints_of(service):
-                wanted[(service, endpoint.address)] = spec
+                key = (service, endpoint.address)
+                if owners.setdefault(key, self) is self:
+                    wanted[key] = spec
         for key in [k for k, (spec, _) in self._tasks.items() if wanted.get(k) != spec]:
             _, task = self._tasks.pop(key)
             task.cancel()
-            state = self.registry.states.get(key)
-            if state is not None and key not in wanted and not state.healthy:
-                state.healthy = True  # no longer checked: no longer held out
-                self.registry.changed()
+            if key not in wanted:
+                self._release(key)
         loop = asyncio.get_running_loop()
         for key, spec in wanted.items():
             if key not in self._tasks:
                 task = loop.create_task(self._check_forever(*key, spec), name=f"gmesh-health {key[1]}")
                 self._tasks[key] = (spec, task)
+
+    def _release(self, key: tuple[str, str]) -> None:
+        if self.registry.health_owners.get(key) is self:
+            del self.registry.health_owners[key]
+        state = self.registry.states.get(key)
+        if state is not None and not state.healthy:
+            state.healthy = True  # no longer checked: no longer held out
+            state.hc_failures = state.hc_successes = 0
+            self.registry.changed(key[0])
 
     async def _check_forever(self, service: str, address: str, spec: Any) -> None:
         state = self.registry.get(service, address)
@@ -72,7 +97,7 @@ class HealthChecks:
                 if not state.healthy and state.hc_successes >= spec.healthy_threshold:
                     state.healthy = True
                     log.info("%s of %s is healthy again", address, service)
-                    self.registry.changed()
+                    self.registry.changed(service)
             else:
                 state.hc_failures += 1
                 state.hc_successes = 0
@@ -95,7 +120,13 @@ class HealthChecks:
 
     async def close(self) -> None:
         tasks = [task for _, task in self._tasks.values()]
+        keys = list(self._tasks)
         self._tasks.clear()
+        for key in keys:
+            if self.registry.health_owners.get(key) is self:
+                del self.registry.health_owners[key]
+        if keys:
+            self.registry.changed()  # other outbounds of this process take the checks over
         for task in tasks:
             task.cancel()
         for task in tasks:

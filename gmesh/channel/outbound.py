@@ -53,6 +53,7 @@ class Outbound:
         factories: Sequence[FilterFactory],
         *,
         pool: EndpointPool | None = None,
+        health_scope: str | None = None,
     ) -> None:
         self.catalog = catalog
         self.factories = tuple(factories)
@@ -62,7 +63,7 @@ class Outbound:
         # Per-backend counters go to etcd for canary rollouts (one publisher per process and mesh).
         self._publisher = StatsPublisher.acquire(catalog.store, catalog.keys)
         self.registry = REGISTRY
-        self.health = HealthChecks(self.pool, self.registry)
+        self.health = HealthChecks(self.pool, self.registry, health_scope)
         self._refresh_pending = False
         # Health or ejection changed: new pickers without (or with again) that endpoint.
         self._unlisten = self.registry.listen(self._schedule_refresh)
@@ -83,6 +84,7 @@ class Outbound:
     def _refresh(self) -> None:
         self._refresh_pending = False
         if self.state.snapshot.source != "empty":
+            self.health.sync(self.state.snapshot)  # take over checks another outbound dropped
             self._on_snapshot(self.state.snapshot, health_only=True)
 
     def _on_snapshot(self, snapshot: MeshSnapshot, *, health_only: bool = False) -> None:

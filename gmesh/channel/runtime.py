@@ -29,7 +29,9 @@ class Shared:
 _SHARED: dict[tuple[int, str, str], Shared] = {}
 
 
-async def acquire(etcd: EtcdConfig, keys: MeshKeys, pool: EndpointPool) -> tuple[Shared, Outbound]:
+async def acquire(
+    etcd: EtcdConfig, keys: MeshKeys, pool: EndpointPool, service: str | None = None
+) -> tuple[Shared, Outbound]:
     """The shared catalog for (loop, etcd, prefix), started if new, and an outbound stack on it."""
     key = (id(asyncio.get_running_loop()), etcd.describe(), keys.prefix)
     shared = _SHARED.get(key)
@@ -45,7 +47,10 @@ async def acquire(etcd: EtcdConfig, keys: MeshKeys, pool: EndpointPool) -> tuple
     else:
         await shared.ready
     shared.users += 1
-    return shared, Outbound(shared.catalog, shared.plugins.filter_factories(), pool=pool)
+    # A channel health-checks only the service it calls (and where its Route sends calls).
+    return shared, Outbound(
+        shared.catalog, shared.plugins.filter_factories(), pool=pool, health_scope=service
+    )
 
 
 async def release(shared: Shared) -> None:

@@ -27,9 +27,10 @@ from gmesh.balancer import NoEndpoints, Picker, ZoneAware, make_picker
 from gmesh.balancer.state import REGISTRY, EndpointState, Registry
 from gmesh.chain.call import Call
 from gmesh.chain.filter import Filter, FilterFactory, Handler, Phase
+from gmesh.discovery.endpoint import MethodKind
 from gmesh.errors import CallError
 from gmesh.hookspecs import hookimpl
-from gmesh.plugins.retry import status_of
+from gmesh.plugins.retry import endpoint_failed
 from gmesh.plugins.stats import SERVER_ERRORS
 
 if TYPE_CHECKING:
@@ -51,6 +52,9 @@ class Backend:
     states: Mapping[str, EndpointState] = field(default_factory=lambda: MappingProxyType({}))
     total: int = 0
     panic: bool = False
+    #: the backend's own service's limits and passive health (a route may lead to another service)
+    per_endpoint: int | None = None
+    detector: OutlierDetector | None = None
 
     def describe(self) -> str:
         service, subset = self.key
@@ -73,54 +77,101 @@ def subset_endpoints(snapshot: MeshSnapshot, service: str, subset: str | None) -
 def _build_backend(
     snapshot: MeshSnapshot, service: str, subset: str | None, spec: Any, registry: Registry, now: float
 ) -> Backend:
-    endpoints = subset_endpoints(snapshot, service, subset)
+    # weight 0 drains an endpoint under every policy
+    endpoints = tuple(e for e in subset_endpoints(snapshot, service, subset) if e.weight > 0)
     states = {e.address: registry.get(service, e.address) for e in endpoints}
     usable = [e for e in endpoints if states[e.address].usable(now)]
     panic_threshold = spec.panic_threshold if spec is not None else 50.0
     panic = bool(endpoints) and len(usable) * 100 < panic_threshold * len(endpoints)
     if panic:
-        usable = list(endpoints)  # too few left: spread over all rather than crush the rest
+        log.warning(
+            "panic mode for %s: %d of %d endpoints usable (< %g%%); balancing over all of them",
+            service if subset is None else f"{service}/{subset}",
+            len(usable), len(endpoints), panic_threshold,
+        )  # fmt: skip
+    picked = list(endpoints) if panic else usable  # too few left: spread over all rather than crush them
     balancer = spec.balancer if spec is not None else None
     policy = balancer.subsets.get(subset, balancer) if balancer is not None and subset else balancer
     name = policy.policy if policy is not None else "weighted_round_robin"
     key = policy.hash_key if policy is not None else None
-    picker = make_picker(name, usable, [states[e.address] for e in usable], key)
+    picker = make_picker(name, picked, [states[e.address] for e in picked], key)
     zone = balancer.zone_aware if balancer is not None else None
     if zone is not None and usable:
+        # Judged on the endpoints really usable (panic or not): a zone whose endpoints are
+        # out sends its callers elsewhere.
         by_zone: dict[str, Picker] = {}
         for z in {e.zone for e in endpoints if e.zone}:
             local = [e for e in usable if e.zone == z]
             in_zone = sum(1 for e in endpoints if e.zone == z)
             if local and len(local) * 100 >= zone.min_healthy_percent * in_zone:
                 by_zone[z] = make_picker(name, local, [states[e.address] for e in local], key)
-        picker = ZoneAware(by_zone, picker)
-    return Backend((service, subset), picker, len(usable), MappingProxyType(states), len(endpoints), panic)
+        everywhere = picker if panic else make_picker(name, usable, [states[e.address] for e in usable], key)
+        picker = ZoneAware(by_zone, everywhere)
+    breaker = getattr(spec, "circuit_breaker", None)
+    return Backend(
+        (service, subset), picker, len(picked), MappingProxyType(states), len(endpoints), panic,
+        breaker.max_requests_per_endpoint if breaker is not None else None, DETECTORS.get(service),
+    )  # fmt: skip
 
 
-_cache: tuple[MeshSnapshot | None, int, Mapping[BackendKey, Backend]] = (None, -1, MappingProxyType({}))
+_cache: tuple[MeshSnapshot | None, dict[str, tuple[int, list[Backend]]], Mapping[BackendKey, Backend]] = (
+    None,
+    {},
+    MappingProxyType({}),
+)
 
 
 def backends(snapshot: MeshSnapshot, registry: Registry = REGISTRY) -> Mapping[BackendKey, Backend]:
     """Every backend of `snapshot`: each service whole, and each of its subsets.
 
-    Computed once per snapshot and health generation (the balance and route filters of
-    every service share it).
+    Computed once per snapshot, and again only for the services whose endpoints changed
+    health or ejection since (the balance and route filters of every service share it).
     """
     global _cache
-    cached_snapshot, generation, cached = _cache
-    if cached_snapshot is snapshot and generation == registry.generation:
-        return cached
+    cached_snapshot, per_service, cached = _cache
+    if cached_snapshot is not snapshot:
+        per_service = {}
     now = time.monotonic()
-    table: dict[BackendKey, Backend] = {}
+    fresh: dict[str, tuple[int, list[Backend]]] = {}
+    rebuilt = False
     for service in snapshot.services():
+        generation = registry.service_generation(service)
+        known = per_service.get(service)
+        if known is not None and known[0] == generation:
+            fresh[service] = known
+            continue
+        rebuilt = True
+        _configure_detector(snapshot, service, registry)
         resource = snapshot.resource("Service", service)
         spec = resource.spec if resource is not None else None
         subsets: list[str | None] = [None, *(getattr(spec, "subsets", {}) if spec is not None else ())]
-        for subset in subsets:
-            table[(service, subset)] = _build_backend(snapshot, service, subset, spec, registry, now)
+        fresh[service] = (
+            generation,
+            [_build_backend(snapshot, service, subset, spec, registry, now) for subset in subsets],
+        )
+    if not rebuilt and cached_snapshot is snapshot:
+        return cached
+    table = {b.key: b for _, built in fresh.values() for b in built}
     result = MappingProxyType(table)
-    _cache = (snapshot, registry.generation, result)
+    _cache = (snapshot, fresh, result)
     return result
+
+
+#: service -> its outlier detector (one per process, kept across config changes)
+DETECTORS: dict[str, OutlierDetector] = {}
+
+
+def _configure_detector(snapshot: MeshSnapshot, service: str, registry: Registry) -> None:
+    resource = snapshot.resource("Service", service)
+    outlier = getattr(resource.spec, "outlier_detection", None) if resource is not None else None
+    if outlier is None:
+        if service in DETECTORS:
+            DETECTORS.pop(service).stop()
+        return
+    detector = DETECTORS.get(service)
+    if detector is None or detector.registry is not registry:
+        detector = DETECTORS[service] = OutlierDetector(service, registry)
+    detector.configure(outlier, tuple(e.address for e in snapshot.endpoints_of(service)))
 
 
 _NONE = Backend(("", None), NoEndpoints(), 0)
@@ -177,12 +228,12 @@ class OutlierDetector:
         state.consecutive_errors = 0
         log.warning("ejected %s of %s for %.1fs: %s", state.address, self.service, length, why)
         asyncio.get_running_loop().call_later(length, self._back, state)
-        self.registry.changed()
+        self.registry.changed(self.service)
         return True
 
     def _back(self, state: EndpointState) -> None:
         log.info("%s of %s back from ejection", state.address, self.service)
-        self.registry.changed()
+        self.registry.changed(self.service)
 
     def sweep(self) -> None:
         """The percentage modes, once per interval."""
@@ -215,19 +266,11 @@ class OutlierDetector:
 class Balance:
     """Sets `call.endpoint` from the picker of the call's backend and counts the attempt there."""
 
-    __slots__ = ("backends", "default", "detector", "per_endpoint")
+    __slots__ = ("backends", "default")
 
-    def __init__(
-        self,
-        default: Backend,
-        table: Mapping[BackendKey, Backend],
-        detector: OutlierDetector | None = None,
-        per_endpoint: int | None = None,
-    ) -> None:
+    def __init__(self, default: Backend, table: Mapping[BackendKey, Backend]) -> None:
         self.default = default
         self.backends = table
-        self.detector = detector
-        self.per_endpoint = per_endpoint
 
     def _pick(self, call: Call) -> tuple[Endpoint, Backend]:
         key = call.backend
@@ -238,7 +281,7 @@ class Balance:
             what = Backend(key, picker, 0).describe() if key is not None else f"service {call.service!r}"
             raise CallError(grpc.StatusCode.UNAVAILABLE, f"gmesh: {what} has no endpoints")
         avoid = call.tried
-        limit = self.per_endpoint
+        limit = backend.per_endpoint
         if (
             endpoint.address in call.down
             or (avoid is not None and endpoint.address in avoid)
@@ -258,8 +301,8 @@ class Balance:
             if limit is not None and backend.states[endpoint.address].inflight >= limit:
                 raise CallError(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"gmesh: circuit breaker: every endpoint of {backend.describe()} has "
-                    f"{limit} calls in flight (maxRequestsPerEndpoint)",
+                    f"gmesh: circuit breaker: the endpoints of {backend.describe()} tried have "
+                    f"{limit} calls in flight each (maxRequestsPerEndpoint)",
                 )
         return endpoint, backend
 
@@ -271,17 +314,19 @@ class Balance:
             return await next(call)
         state.inflight += 1
         started = time.perf_counter()
+        # A stream's length says nothing about the endpoint's speed: latency only from unary calls.
+        timed = call.kind is MethodKind.UNARY
         try:
             result = await next(call)
         except BaseException as exc:
             state.inflight -= 1
-            failed = status_of(exc) in SERVER_ERRORS
-            state.observe(time.perf_counter() - started, failed, time.monotonic())
-            if failed and self.detector is not None:
-                self.detector.on_failure(state)
+            failed = endpoint_failed(exc, SERVER_ERRORS)
+            state.observe(time.perf_counter() - started if timed else None, failed, time.monotonic())
+            if failed and backend.detector is not None:
+                backend.detector.on_failure(state)
             raise
         state.inflight -= 1
-        state.observe(time.perf_counter() - started, False, time.monotonic())
+        state.observe(time.perf_counter() - started if timed else None, False, time.monotonic())
         return result
 
 
@@ -291,24 +336,10 @@ class BalanceFactory:
 
     def __init__(self, registry: Registry = REGISTRY) -> None:
         self.registry = registry
-        self.detectors: dict[str, OutlierDetector] = {}
 
     def build(self, service: str, snapshot: MeshSnapshot) -> Filter | None:
         table = backends(snapshot, self.registry)
-        resource = snapshot.resource("Service", service)
-        spec = resource.spec if resource is not None else None
-        outlier = getattr(spec, "outlier_detection", None)
-        detector = None
-        if outlier is not None:
-            detector = self.detectors.get(service)
-            if detector is None:
-                detector = self.detectors[service] = OutlierDetector(service, self.registry)
-            detector.configure(outlier, tuple(e.address for e in snapshot.endpoints_of(service)))
-        elif service in self.detectors:
-            self.detectors.pop(service).stop()
-        breaker = getattr(spec, "circuit_breaker", None)
-        per_endpoint = breaker.max_requests_per_endpoint if breaker is not None else None
-        return Balance(table[(service, None)], table, detector, per_endpoint)
+        return Balance(table[(service, None)], table)
 
 
 @hookimpl(trylast=True)

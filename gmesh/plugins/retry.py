@@ -41,6 +41,13 @@ def status_of(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+def endpoint_failed(exc: BaseException, failures: frozenset[grpc.StatusCode]) -> bool:
+    """Whether `exc` counts against the endpoint that served the attempt."""
+    if isinstance(exc, CallError):
+        return exc.endpoint_fault and exc.status in failures
+    return status_of(exc) in failures
+
+
 class Retry:
     """Runs the rest of the chain once, or again per the rule's retry policy."""
 

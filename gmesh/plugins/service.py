@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from gmesh.config.kinds import Kind, KindRegistry
 from gmesh.config.types import Duration, Labels, Name, SpecModel
@@ -111,7 +111,9 @@ class HealthCheckSpec(SpecModel):
 
 
 class FailurePercentageSpec(SpecModel):
-    threshold: float = Field(default=85.0, gt=0, le=100, description="Eject above this failure percentage.")
+    threshold: float = Field(
+        default=85.0, gt=0, le=100, description="Eject at or above this failure percentage."
+    )
     min_requests: int = Field(
         default=50, ge=1, description="Only endpoints with this many calls per interval."
     )
@@ -189,15 +191,24 @@ class ServiceSpec(SpecModel):
         description="Proxied streams end after this long, between messages, with UNAVAILABLE (reconnect).",
     )
 
-    @model_validator(mode="after")
-    def _balancer_subsets_exist(self) -> ServiceSpec:
-        unknown = [name for name in self.balancer.subsets if name not in self.subsets]
+    @field_validator("balancer")
+    @classmethod
+    def _balancer_subsets_exist(cls, balancer: BalancerSpec, info: ValidationInfo) -> BalancerSpec:
+        subsets = info.data.get("subsets") or {}
+        unknown = [name for name in balancer.subsets if name not in subsets]
         if unknown:
             raise ValueError(
-                f"balancer.subsets names {unknown[0]!r}, which is not a subset (defined: "
-                f"{', '.join(self.subsets) or 'none'})"
+                f"subsets names {unknown[0]!r}, which is not a subset of this Service (defined: "
+                f"{', '.join(subsets) or 'none'})"
             )
-        return self
+        return balancer
+
+    @field_validator("max_stream_age")
+    @classmethod
+    def _positive_age(cls, age: float | None) -> float | None:
+        if age is not None and age <= 0:
+            raise ValueError("maxStreamAge must be greater than 0")
+        return age
 
     @field_validator("subsets")
     @classmethod

@@ -28,7 +28,7 @@ import grpc
 from gmesh.chain.call import Call
 from gmesh.chain.filter import Filter, FilterFactory, Handler, Phase
 from gmesh.hookspecs import hookimpl
-from gmesh.plugins.retry import status_of
+from gmesh.plugins.retry import endpoint_failed
 
 if TYPE_CHECKING:
     from gmesh.discovery.catalog import MeshSnapshot
@@ -115,7 +115,7 @@ class CountCalls:
         try:
             result = await next(call)
         except BaseException as exc:
-            self._stats(call).record(time.perf_counter() - started, status_of(exc) in SERVER_ERRORS)
+            self._stats(call).record(time.perf_counter() - started, endpoint_failed(exc, SERVER_ERRORS))
             raise
         self._stats(call).record(time.perf_counter() - started, False)
         return result

@@ -24,6 +24,7 @@ What the stream relay is designed for (each has a test in tests/integration):
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -205,7 +206,8 @@ async def forward_stream(call: Call) -> None:
             aged.append(True)
             upstream.cancel()
 
-        timer = loop.call_later(max_age, expire)
+        # Up to 10% later at random: streams opened together do not all end together.
+        timer = loop.call_later(max_age * (1 + random.random() / 10), expire)
         context.add_done_callback(lambda _ctx: timer.cancel())
     try:
         initial = forwardable(await upstream.initial_metadata())
@@ -230,6 +232,13 @@ async def forward_stream(call: Call) -> None:
                     message = await upstream.read()
             except grpc.aio.AioRpcError:
                 break
+            except asyncio.CancelledError:
+                # grpc.aio raises CancelledError from a read of a call cancelled locally: here,
+                # by the max-age timer (a cancel of this task itself propagates as usual).
+                task = asyncio.current_task()
+                if aged and not (task is not None and task.cancelling()):
+                    break
+                raise
             if message is grpc.aio.EOF:
                 break
             await context.write(message)
@@ -241,10 +250,12 @@ async def forward_stream(call: Call) -> None:
         if not upstream.done():
             upstream.cancel()
     if aged:
+        call.committed = True  # ended on purpose: never retried
         raise CallError(
             grpc.StatusCode.UNAVAILABLE,
             f"gmesh: stream reached its maximum age ({format_duration(max_age)}); reconnect",
             (("x-gmesh-stream-max-age", "1"),),
+            endpoint_fault=False,
         )
     if code != grpc.StatusCode.OK:
         if not call.committed and initial:

@@ -42,6 +42,9 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
         self.fail_share = 0.0
         self.fail_with = grpc.StatusCode.UNAVAILABLE
         self._unary_seen = 0
+        #: seconds added to every Unary call (a slow endpoint), and the most calls seen at once
+        self.extra_delay = 0.0
+        self.max_active = 0
         #: request metadata of the last calls (most recent last, at most 100)
         self.seen_metadata: list[dict[str, str | bytes]] = []
 
@@ -51,6 +54,7 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
         an await, or (blocked writing to a slow reader) its write fails when the stream resets."""
         self.calls[method] = self.calls.get(method, 0) + 1
         self.active += 1
+        self.max_active = max(self.max_active, self.active)
         try:
             yield
         except grpc.aio.AbortError:
@@ -98,6 +102,8 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
             self.seen_metadata = [*self.seen_metadata[-99:], dict(context.invocation_metadata() or ())]
             await self._maybe_refuse(context)
             await self._headers(request, context)
+            if self.extra_delay:
+                await asyncio.sleep(self.extra_delay)
             if request.delay_ms:
                 await asyncio.sleep(request.delay_ms / 1000)
             await self._maybe_fail(request, context)
