@@ -4,6 +4,7 @@ reflection of its own services, and `gmesh.v1.Admin/ConfigDump`."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gmesh.channel.outbound import Outbound
+from gmesh.plugins.breaker import STATES
 from gmesh.proxy.server import bind
 from gmesh.v1 import admin_pb2, admin_pb2_grpc
 
@@ -20,7 +22,8 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 def config_dump(outbound: Outbound, proxy: dict[str, Any], only: str = "") -> dict[str, Any]:
-    """What this proxy serves now: revision, connection to etcd, services, endpoints, chains."""
+    """What this proxy serves now: revision, connection to etcd, services, endpoints (with their
+    load, latency, health and ejection state here), breakers, chains."""
     state = outbound.state
     snapshot = state.snapshot
     services = {}
@@ -28,11 +31,28 @@ def config_dump(outbound: Outbound, proxy: dict[str, Any], only: str = "") -> di
         if only and name != only:
             continue
         chain = state.chain(name)
+        now = time.monotonic()
+        breaker = STATES.get(name)
         services[name] = {
             "endpoints": [
-                {"address": e.address, "labels": dict(e.labels), "weight": e.weight, "zone": e.zone}
+                {
+                    "address": e.address,
+                    "labels": dict(e.labels),
+                    "weight": e.weight,
+                    "zone": e.zone,
+                    # what this process sees of it: load, latency, health, ejection
+                    "state": outbound.registry.get(name, e.address).describe(now),
+                }
                 for e in snapshot.endpoints_of(name)
             ],
+            "breaker": None
+            if breaker is None
+            else {
+                "active": breaker.active,
+                "waiting": len(breaker.waiting),
+                "retries": breaker.retries,
+                "rejected": breaker.rejected,
+            },
             "grpcServices": sorted({g for e in snapshot.endpoints_of(name) for g in e.grpc_services}),
             "chain": list(chain.filters) if chain else [],
             "config": {
