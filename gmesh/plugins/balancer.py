@@ -105,7 +105,7 @@ def _build_backend(
             in_zone = sum(1 for e in endpoints if e.zone == z)
             if local and len(local) * 100 >= zone.min_healthy_percent * in_zone:
                 by_zone[z] = make_picker(name, local, [states[e.address] for e in local], key)
-        everywhere = picker if panic else make_picker(name, usable, [states[e.address] for e in usable], key)
+        everywhere = picker  # over `usable` (or, in panic, over all)
         picker = ZoneAware(by_zone, everywhere)
     breaker = getattr(spec, "circuit_breaker", None)
     return Backend(
@@ -114,11 +114,9 @@ def _build_backend(
     )  # fmt: skip
 
 
-_cache: tuple[MeshSnapshot | None, dict[str, tuple[int, list[Backend]]], Mapping[BackendKey, Backend]] = (
-    None,
-    {},
-    MappingProxyType({}),
-)
+_cache: tuple[
+    MeshSnapshot | None, Registry | None, dict[str, tuple[int, list[Backend]]], Mapping[BackendKey, Backend]
+] = (None, None, {}, MappingProxyType({}))
 
 
 def backends(snapshot: MeshSnapshot, registry: Registry = REGISTRY) -> Mapping[BackendKey, Backend]:
@@ -128,8 +126,8 @@ def backends(snapshot: MeshSnapshot, registry: Registry = REGISTRY) -> Mapping[B
     health or ejection since (the balance and route filters of every service share it).
     """
     global _cache
-    cached_snapshot, per_service, cached = _cache
-    if cached_snapshot is not snapshot:
+    cached_snapshot, cached_registry, per_service, cached = _cache
+    if cached_snapshot is not snapshot or cached_registry is not registry:
         per_service = {}
     now = time.monotonic()
     fresh: dict[str, tuple[int, list[Backend]]] = {}
@@ -149,11 +147,11 @@ def backends(snapshot: MeshSnapshot, registry: Registry = REGISTRY) -> Mapping[B
             generation,
             [_build_backend(snapshot, service, subset, spec, registry, now) for subset in subsets],
         )
-    if not rebuilt and cached_snapshot is snapshot:
+    if not rebuilt and cached_snapshot is snapshot and cached_registry is registry:
         return cached
     table = {b.key: b for _, built in fresh.values() for b in built}
     result = MappingProxyType(table)
-    _cache = (snapshot, fresh, result)
+    _cache = (snapshot, registry, fresh, result)
     return result
 
 
