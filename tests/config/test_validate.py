@@ -127,7 +127,12 @@ def test_unknown_spec_field_suggests_the_right_one() -> None:
 
 def test_unknown_spec_field_without_close_match_lists_allowed() -> None:
     text = "kind: Service\nmetadata:\n  name: orders\nspec:\n  zzz: 1\n"
-    assert one_problem(text) == (5, "spec.zzz", "unknown field (allowed: retryBudget, subsets, timeout)")
+    assert one_problem(text) == (
+        5,
+        "spec.zzz",
+        "unknown field (allowed: balancer, circuitBreaker, healthCheck, maxStreamAge, outlierDetection, "
+        "panicThreshold, retryBudget, subsets, timeout)",
+    )
 
 
 @pytest.mark.parametrize(
