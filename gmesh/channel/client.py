@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import time
 from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ from gmesh.channel import runtime
 from gmesh.channel.endpoint import EndpointPool
 from gmesh.channel.outbound import Outbound
 from gmesh.channel.status import StatusWatch
+from gmesh.config.types import format_duration
 from gmesh.discovery.endpoint import MethodKind, check_service_name
 from gmesh.discovery.keys import DEFAULT_PREFIX, MeshKeys
 from gmesh.errors import CallError, InvalidArgument
@@ -473,11 +475,33 @@ async def _forward_streaming(call: Call) -> Any:
         compression=compression,
     )
     meshcall._watch = StatusWatch(upstream)
+    age = _max_stream_age(call)
+    if age is not None:
+        # The Service's maxStreamAge, as the proxy does it: end the upstream call, and tell the
+        # application UNAVAILABLE (reconnect) instead of the cancel that ended it.
+        def expire() -> None:
+            meshcall._aged = grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(("x-gmesh-stream-max-age", "1")),
+                f"gmesh: stream reached its maximum age ({format_duration(age)}); reconnect",
+            )
+            upstream.cancel()
+
+        timer = asyncio.get_running_loop().call_later(age * (1 + random.random() / 10), expire)
+        upstream.add_done_callback(lambda _c: timer.cancel())
     meshcall._upstream.set_result(upstream)
     # The chain (its filters' timing, retries...) spans the whole stream: wait for its end.
     await upstream.code()
     call.committed = True
     return None
+
+
+def _max_stream_age(call: Call) -> float | None:
+    meshcall = call.downstream[0]
+    state = meshcall._multi._mesh._outbound.state if meshcall._multi._mesh._outbound else None
+    resource = state.snapshot.resource("Service", call.service) if state is not None else None
+    return getattr(resource.spec, "max_stream_age", None) if resource is not None else None
 
 
 class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
@@ -496,7 +520,16 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         self._upstream: asyncio.Future[Any] = loop.create_future()
         self._watch: StatusWatch | None = None
         self._error: grpc.aio.AioRpcError | None = None
+        #: set when the stream reached the Service's maxStreamAge (what the application sees)
+        self._aged: grpc.aio.AioRpcError | None = None
         self._task = loop.create_task(self._run(request, timeout, metadata))
+
+    def _aged_instead(self) -> grpc.aio.AioRpcError | None:
+        """The max-age status, when a cancel of the upstream came from the max-age timer."""
+        if self._aged is None:
+            return None
+        task = asyncio.current_task()
+        return None if task is not None and task.cancelling() else self._aged
 
     async def _run(self, request: Any, timeout: float | None, metadata: Any) -> None:
         try:
@@ -531,14 +564,32 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
 
     async def _iterate(self) -> AsyncIterator[Any]:
         upstream = await self._up()
-        async for message in upstream:
-            yield message
+        try:
+            async for message in upstream:
+                yield message
+        except asyncio.CancelledError:
+            aged = self._aged_instead()
+            if aged is None:
+                raise
+            raise aged from None
 
     async def read(self) -> Any:
-        return await (await self._up()).read()
+        try:
+            return await (await self._up()).read()
+        except asyncio.CancelledError:
+            aged = self._aged_instead()
+            if aged is None:
+                raise
+            raise aged from None
 
     async def write(self, request: Any) -> None:
-        await (await self._up()).write(request)
+        try:
+            await (await self._up()).write(request)
+        except (asyncio.CancelledError, asyncio.InvalidStateError):
+            aged = self._aged_instead()
+            if aged is None:
+                raise
+            raise aged from None
 
     async def done_writing(self) -> None:
         await (await self._up()).done_writing()
@@ -548,6 +599,8 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         return (yield from upstream.__await__())
 
     async def _final(self) -> tuple[grpc.StatusCode, str, Any]:
+        if self._aged is not None:
+            return self._aged.code(), self._aged.details() or "", self._aged.trailing_metadata()
         try:
             await self._up()
         except grpc.aio.AioRpcError as exc:

@@ -188,7 +188,7 @@ class ServiceSpec(SpecModel):
     )
     max_stream_age: Duration | None = Field(
         default=None,
-        description="Proxied streams end after this long, between messages, with UNAVAILABLE (reconnect).",
+        description="Streams end after this long, between messages, with UNAVAILABLE (reconnect).",
     )
 
     @field_validator("balancer")

@@ -338,8 +338,8 @@ async def test_kill_9_of_one_of_three_under_load_with_retries(
     assert codes["OK"] / total >= 0.999, codes
 
 
-@pytest.mark.parametrize("kind", ["proxy"])
-async def test_proxied_stream_ends_cleanly_at_its_max_age(
+@pytest.mark.parametrize("kind", DOORS)
+async def test_a_stream_ends_cleanly_at_its_max_age(
     kind: str, fleet: Fleet, etcd_server: EtcdMember, mesh_keys: MeshKeys, tmp_path: Path
 ) -> None:
     await fleet.add("only")
