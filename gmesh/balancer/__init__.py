@@ -27,7 +27,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from functools import reduce
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
 if TYPE_CHECKING:
     from gmesh.balancer.state import EndpointState
@@ -160,12 +160,33 @@ def _key_of(call: Call, key: str) -> str | None:
     return None
 
 
-class RingHash:
+class _ConsistentHash:
+    """What ring_hash and maglev share: the key from the call's metadata, a random endpoint
+    for calls without it, and `_owner(hash)` for the rest."""
+
+    __slots__ = ("endpoints", "key")
+
+    endpoints: tuple[Endpoint, ...]
+    key: str
+
+    def _owner(self, point: int) -> Endpoint:
+        raise NotImplementedError
+
+    def pick(self, call: Call) -> Endpoint | None:
+        if not self.endpoints:
+            return None
+        value = _key_of(call, self.key)
+        if value is None:
+            return random.choice(self.endpoints)
+        return self._owner(hash64(value))
+
+
+class RingHash(_ConsistentHash):
     """Consistent hashing on a ring (ketama): each endpoint owns ~100 x weight points; a call's
     key goes to the owner of the first point at or after its hash. Adding one endpoint to n
     moves about 1/(n+1) of the keys. Calls without the key go to a random endpoint."""
 
-    __slots__ = ("endpoints", "key", "owners", "points")
+    __slots__ = ("owners", "points")
 
     POINTS_PER_WEIGHT = 100
 
@@ -183,13 +204,8 @@ class RingHash:
         self.points = [entry >> 20 for entry in ring]
         self.owners = [self.endpoints[entry & 0xFFFFF] for entry in ring]
 
-    def pick(self, call: Call) -> Endpoint | None:
-        if not self.endpoints:
-            return None
-        value = _key_of(call, self.key)
-        if value is None:
-            return random.choice(self.endpoints)
-        i = bisect.bisect_left(self.points, hash64(value))
+    def _owner(self, point: int) -> Endpoint:
+        i = bisect.bisect_left(self.points, point)
         return self.owners[i if i < len(self.owners) else 0]
 
 
@@ -198,11 +214,11 @@ class RingHash:
 MAGLEV_SIZE = 65537
 
 
-class Maglev:
+class Maglev(_ConsistentHash):
     """Consistent hashing through Google's Maglev lookup table: O(1) picks, even spread, and
     minimal remapping when the endpoint set changes. Calls without the key pick at random."""
 
-    __slots__ = ("endpoints", "key", "table")
+    __slots__ = ("table",)
 
     def __init__(self, endpoints: Sequence[Endpoint], key: str) -> None:
         self.endpoints = tuple(sorted(endpoints, key=lambda e: e.address))
@@ -228,13 +244,8 @@ class Maglev:
                         break
         self.table = table
 
-    def pick(self, call: Call) -> Endpoint | None:
-        if not self.endpoints:
-            return None
-        value = _key_of(call, self.key)
-        if value is None:
-            return random.choice(self.endpoints)
-        return self.endpoints[self.table[hash64(value) % len(self.table)]]
+    def _owner(self, point: int) -> Endpoint:
+        return self.endpoints[self.table[point % len(self.table)]]
 
 
 class ZoneAware:
@@ -251,7 +262,7 @@ class ZoneAware:
         return self.by_zone.get(call.caller.zone, self.everywhere).pick(call)
 
 
-POLICIES = (
+Policy = Literal[
     "round_robin",
     "weighted_round_robin",
     "least_request",
@@ -260,7 +271,8 @@ POLICIES = (
     "maglev",
     "random",
     "pick_first",
-)
+]
+POLICIES: tuple[str, ...] = get_args(Policy)
 HASHING = frozenset({"ring_hash", "maglev"})
 
 

@@ -54,6 +54,16 @@ Duration = Annotated[
 """Seconds in Python; a string with a unit (`2s`, `300ms`) in YAML and in etcd."""
 
 
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("must be greater than 0")
+    return seconds
+
+
+PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
+"""A `Duration` greater than zero (timeouts, intervals, ages)."""
+
+
 def _check(problem_of: object) -> AfterValidator:
     def check(value: str) -> str:
         problem = problem_of(value)  # type: ignore[operator]

@@ -38,7 +38,7 @@ from pydantic import Field, field_validator, model_validator
 from gmesh.chain.call import Call, Metadata
 from gmesh.chain.filter import Filter, FilterFactory, Handler, Phase
 from gmesh.config.kinds import ConfigView, Kind, KindRegistry, Resource
-from gmesh.config.types import Duration, Labels, Name, SpecModel, format_duration
+from gmesh.config.types import Duration, Labels, Name, PositiveDuration, SpecModel, format_duration
 from gmesh.errors import CallError
 from gmesh.hookspecs import hookimpl
 from gmesh.plugins.balancer import Backend, BackendKey, backends
@@ -198,17 +198,10 @@ class RetryPolicy(SpecModel):
 
     attempts: int = Field(default=2, ge=1, le=10, description="Attempts in all, the first included.")
     on: list[str] = Field(default_factory=lambda: ["UNAVAILABLE"], description="Status codes to retry on.")
-    per_try_timeout: Duration | None = Field(
+    per_try_timeout: PositiveDuration | None = Field(
         default=None, description="Deadline of each attempt; an attempt that runs out is retried."
     )
     backoff: Backoff = Field(default_factory=Backoff)
-
-    @field_validator("per_try_timeout")
-    @classmethod
-    def _positive(cls, timeout: float | None) -> float | None:
-        if timeout is not None and timeout <= 0:
-            raise ValueError("perTryTimeout must be greater than 0")
-        return timeout
 
     @field_validator("on")
     @classmethod
@@ -241,7 +234,7 @@ class Abort(SpecModel):
 
 class Delay(SpecModel):
     percent: float = Field(gt=0, le=100)
-    duration: Duration
+    duration: PositiveDuration
 
 
 class Fault(SpecModel):
@@ -284,7 +277,9 @@ class Rule(SpecModel):
     sticky_key: str | None = Field(
         default=None, description="Request metadata key whose value keeps a caller on one backend."
     )
-    timeout: Duration | None = Field(default=None, description="Deadline of the whole call (all attempts).")
+    timeout: PositiveDuration | None = Field(
+        default=None, description="Deadline of the whole call (all attempts)."
+    )
     retry: RetryPolicy | None = None
     mirror: Mirror | None = None
     fault: Fault | None = None
@@ -308,13 +303,6 @@ class Rule(SpecModel):
     @classmethod
     def _sticky(cls, key: str | None) -> str | None:
         return None if key is None else _metadata_key(key)
-
-    @field_validator("timeout")
-    @classmethod
-    def _positive(cls, timeout: float | None) -> float | None:
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be greater than 0")
-        return timeout
 
 
 class RouteSpec(SpecModel):

@@ -14,12 +14,11 @@ spec:
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from gmesh.balancer import Policy
 from gmesh.config.kinds import Kind, KindRegistry
-from gmesh.config.types import Duration, Labels, Name, SpecModel
+from gmesh.config.types import Duration, Labels, Name, PositiveDuration, SpecModel
 from gmesh.hookspecs import hookimpl
 
 
@@ -37,18 +36,6 @@ class RetryBudgetSpec(SpecModel):
         if window < 1:
             raise ValueError("window must be at least 1s")
         return window
-
-
-Policy = Literal[
-    "round_robin",
-    "weighted_round_robin",
-    "least_request",
-    "peak_ewma",
-    "ring_hash",
-    "maglev",
-    "random",
-    "pick_first",
-]
 
 
 class PolicySpec(SpecModel):
@@ -94,8 +81,8 @@ class BalancerSpec(PolicySpec):
 class HealthCheckSpec(SpecModel):
     """Active health checks (grpc.health.v1) from every proxy and channel to each endpoint."""
 
-    interval: Duration = Field(default=5.0, description="Time between checks of one endpoint.")
-    timeout: Duration = Field(default=1.0, description="A check not answered within this fails.")
+    interval: PositiveDuration = Field(default=5.0, description="Time between checks of one endpoint.")
+    timeout: PositiveDuration = Field(default=1.0, description="A check not answered within this fails.")
     healthy_threshold: int = Field(default=2, ge=1, description="Passing checks in a row to take it back.")
     unhealthy_threshold: int = Field(default=3, ge=1, description="Failing checks in a row to take it out.")
     jitter_percent: float = Field(default=10.0, ge=0, le=100, description="Random extra on each interval.")
@@ -103,8 +90,6 @@ class HealthCheckSpec(SpecModel):
 
     @model_validator(mode="after")
     def _times(self) -> HealthCheckSpec:
-        if self.interval <= 0 or self.timeout <= 0:
-            raise ValueError("interval and timeout must be greater than 0")
         if self.timeout > self.interval:
             raise ValueError("timeout must not be longer than interval")
         return self
@@ -131,8 +116,10 @@ class OutlierDetectionSpec(SpecModel):
     """Passive health: eject endpoints whose calls fail, for a time that grows with each ejection."""
 
     consecutive_errors: int | None = Field(default=5, ge=1, description="Eject after this many in a row.")
-    interval: Duration = Field(default=10.0, description="How often the percentage modes look.")
-    base_ejection_time: Duration = Field(default=30.0, description="First ejection; n-th lasts n times this.")
+    interval: PositiveDuration = Field(default=10.0, description="How often the percentage modes look.")
+    base_ejection_time: PositiveDuration = Field(
+        default=30.0, description="First ejection; n-th lasts n times this."
+    )
     max_ejection_time: Duration = Field(default=300.0, description="Cap of an ejection's length.")
     max_ejection_percent: float = Field(default=10.0, ge=0, le=100, description="At most this share ejected.")
     failure_percentage: FailurePercentageSpec | None = None
@@ -140,8 +127,6 @@ class OutlierDetectionSpec(SpecModel):
 
     @model_validator(mode="after")
     def _times(self) -> OutlierDetectionSpec:
-        if min(self.interval, self.base_ejection_time) <= 0:
-            raise ValueError("interval and baseEjectionTime must be greater than 0")
         if self.max_ejection_time < self.base_ejection_time:
             raise ValueError("maxEjectionTime must not be shorter than baseEjectionTime")
         return self
@@ -166,7 +151,7 @@ class ServiceSpec(SpecModel):
         description="Subset name -> endpoint labels it selects (every label must match).",
         examples=[{"v1": {"version": "v1"}, "v2": {"version": "v2"}}],
     )
-    timeout: Duration | None = Field(
+    timeout: PositiveDuration | None = Field(
         default=None,
         description="Default deadline for calls to this service when the caller sets none (e.g. 2s).",
     )
@@ -186,7 +171,7 @@ class ServiceSpec(SpecModel):
         le=100,
         description="Below this share of usable endpoints, balance over all of them (panic mode).",
     )
-    max_stream_age: Duration | None = Field(
+    max_stream_age: PositiveDuration | None = Field(
         default=None,
         description="Streams end after this long, between messages, with UNAVAILABLE (reconnect).",
     )
@@ -203,13 +188,6 @@ class ServiceSpec(SpecModel):
             )
         return balancer
 
-    @field_validator("max_stream_age")
-    @classmethod
-    def _positive_age(cls, age: float | None) -> float | None:
-        if age is not None and age <= 0:
-            raise ValueError("maxStreamAge must be greater than 0")
-        return age
-
     @field_validator("subsets")
     @classmethod
     def _subsets_select_something(cls, subsets: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
@@ -220,13 +198,6 @@ class ServiceSpec(SpecModel):
                 "give it labels, e.g. {version: v2}"
             )
         return subsets
-
-    @field_validator("timeout")
-    @classmethod
-    def _positive(cls, timeout: float | None) -> float | None:
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be greater than 0")
-        return timeout
 
 
 def _summary(spec: ServiceSpec) -> str:

@@ -163,7 +163,7 @@ def test_subset_label_number_in_spec() -> None:
         ("2", "duration 2 needs a unit: write 2s or 2ms"),
         ("2 s", "'2 s' is not a duration: use a number with a unit ms, s, m or h (e.g. 2s, 300ms)"),
         ("-1s", "'-1s' is not a duration: use a number with a unit ms, s, m or h (e.g. 2s, 300ms)"),
-        ("0s", "timeout must be greater than 0"),
+        ("0s", "must be greater than 0"),
     ],
 )
 def test_bad_duration(written: str, message: str) -> None:
