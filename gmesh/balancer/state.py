@@ -63,7 +63,8 @@ class EndpointState:
 
     def observe(self, seconds: float | None, failed: bool, now: float) -> None:
         """Record one finished attempt: latency (None: not a measure of speed, e.g. a stream)
-        into the peak EWMA, outcome into the counters."""
+        into the peak EWMA, outcome into the counters. `now` is any monotonic clock in seconds
+        (the same one every time: it only measures the time between two observations)."""
         self.calls += 1
         self.interval_calls += 1
         if failed:

@@ -243,8 +243,7 @@ def _make_call(
     if chain is None:
         raise CallError(grpc.StatusCode.UNAVAILABLE, f"gmesh: no mesh service {service!r}")
     if timeout is None:
-        resource = outbound.state.snapshot.resource("Service", service)
-        timeout = getattr(resource.spec, "timeout", None) if resource is not None else None
+        timeout = outbound.state.defaults.get(service, _NO_DEFAULTS)[0]
     call = Call(
         method,
         tuple(metadata) if metadata else (),
@@ -497,11 +496,12 @@ async def _forward_streaming(call: Call) -> Any:
     return None
 
 
+_NO_DEFAULTS: tuple[float | None, float | None] = (None, None)
+
+
 def _max_stream_age(call: Call) -> float | None:
-    meshcall = call.downstream[0]
-    state = meshcall._multi._mesh._outbound.state if meshcall._multi._mesh._outbound else None
-    resource = state.snapshot.resource("Service", call.service) if state is not None else None
-    return getattr(resource.spec, "max_stream_age", None) if resource is not None else None
+    outbound = call.downstream[0]._multi._mesh._outbound
+    return outbound.state.defaults.get(call.service, _NO_DEFAULTS)[1] if outbound is not None else None
 
 
 class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]

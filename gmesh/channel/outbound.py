@@ -39,6 +39,10 @@ class OutboundState:
     #: method path -> kind, learned from endpoints' reflection (for the proxy's unary fast path)
     method_kinds: Mapping[str, MethodKind] = field(default_factory=lambda: MappingProxyType({}))
     built_at: float = 0.0
+    #: service -> (default timeout, max stream age) from its Service kind, read per call
+    defaults: Mapping[str, tuple[float | None, float | None]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     def chain(self, service: str) -> ServiceChain | None:
         return self.table.chains.get(service)
@@ -94,7 +98,13 @@ class Outbound:
         for endpoints in snapshot.endpoints.values():
             for ep in endpoints:
                 kinds.update(ep.methods)
-        self.state = OutboundState(snapshot, table, MappingProxyType(kinds), time.time())
+        defaults = {}
+        for name, resource in snapshot.resources.get("Service", {}).items():
+            spec = resource.spec
+            defaults[name] = (getattr(spec, "timeout", None), getattr(spec, "max_stream_age", None))
+        self.state = OutboundState(
+            snapshot, table, MappingProxyType(kinds), time.time(), MappingProxyType(defaults)
+        )
         if not health_only:
             self.pool.sync(ep.address for eps in snapshot.endpoints.values() for ep in eps)
             self.health.sync(snapshot)

@@ -319,12 +319,14 @@ class Balance:
         except BaseException as exc:
             state.inflight -= 1
             failed = endpoint_failed(exc, SERVER_ERRORS)
-            state.observe(time.perf_counter() - started if timed else None, failed, time.monotonic())
+            ended = time.perf_counter()  # also the EWMA's clock (perf_counter is monotonic)
+            state.observe(ended - started if timed else None, failed, ended)
             if failed and backend.detector is not None:
                 backend.detector.on_failure(state)
             raise
         state.inflight -= 1
-        state.observe(time.perf_counter() - started if timed else None, False, time.monotonic())
+        ended = time.perf_counter()
+        state.observe(ended - started if timed else None, False, ended)
         return result
 
 

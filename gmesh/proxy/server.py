@@ -162,14 +162,15 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
         return grpc.stream_stream_rpc_method_handler(stream)
 
 
+_NO_DEFAULTS: tuple[float | None, float | None] = (None, None)
+
+
 def _max_stream_age(state: OutboundState, service: str) -> float | None:
-    resource = state.snapshot.resource("Service", service)
-    return getattr(resource.spec, "max_stream_age", None) if resource is not None else None
+    return state.defaults.get(service, _NO_DEFAULTS)[1]
 
 
 def _default_timeout(state: OutboundState, service: str) -> float | None:
-    resource = state.snapshot.resource("Service", service)
-    return getattr(resource.spec, "timeout", None) if resource is not None else None
+    return state.defaults.get(service, _NO_DEFAULTS)[0]
 
 
 def bind(server: grpc.aio.Server, listen: str) -> str:
