@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import pluggy
 
@@ -110,6 +110,14 @@ class Plugins:
         for given in self.pm.hook.gmesh_filter_factories():
             factories.extend(given)
         return factories
+
+    def filters_by_plugin(self) -> dict[str, list[FilterFactory]]:
+        """Plugin name -> the filter factories it gives (for `gmesh plugins`; never per request)."""
+        by_plugin: dict[str, list[FilterFactory]] = {}
+        for impl in self.pm.hook.gmesh_filter_factories.get_hookimpls():
+            given = cast("list[FilterFactory]", impl.function())
+            by_plugin.setdefault(impl.plugin_name, []).extend(given)
+        return by_plugin
 
     def register_commands(self, cli: click.Group) -> None:
         self.pm.hook.gmesh_register_commands(cli=cli)

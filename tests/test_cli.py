@@ -247,6 +247,9 @@ def test_plugins_lists_builtins_and_refuses_to_disable_essentials(gmesh_env: dic
     assert header.split() == ["NAME", "DISTRIBUTION", "VERSION", "BUILT-IN", "GIVES"]
     service = next(r.split() for r in rows if r.startswith("service "))
     assert service[:4] == ["service", "gmesh", "0.1.0", "yes"]
+    router = next(r for r in rows if r.startswith("router "))
+    assert router.endswith("kind Route, filter route (ROUTE)")
+    assert next(r for r in rows if r.startswith("breaker ")).endswith("filter breaker (LIMIT)")
     refused = gmesh("plugins", env={**gmesh_env, "GMESH_DISABLE_PLUGINS": "service"})
     assert one_line_error(refused) == (
         "error: GMESH_DISABLE_PLUGINS: built-in plugin(s) service cannot be disabled"

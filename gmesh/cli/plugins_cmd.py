@@ -11,22 +11,25 @@ from gmesh.pluginmanager import DISABLE_ENV, Plugins
 @click.command()
 @click.option("-v", "--verbose", is_flag=True, help="also list the hooks each plugin implements")
 def plugins(verbose: bool) -> None:
-    """List loaded plugins: name, distribution, version (built-ins included).
+    """List loaded plugins: name, distribution, version, and the config kinds and chain
+    filters (with their phase) each gives — built-ins included.
 
     Plugins come from the `gmesh` entry-point group; set GMESH_DISABLE_PLUGINS=a,b to
     leave some out.
     """
     loaded = Plugins.load()
     kinds = loaded.config_kinds()
+    filters = loaded.filters_by_plugin()
     rows = []
     for info in loaded.describe():
-        gives = [k.name for k in kinds if k.plugin == info.name]
+        gives = [f"kind {k.name}" for k in kinds if k.plugin == info.name]
+        gives += [f"filter {f.name} ({f.phase.name})" for f in filters.get(info.name, ())]
         row = [
             info.name,
             info.distribution,
             info.version or "-",
             "yes" if info.builtin else "no",
-            ", ".join(f"kind {g}" for g in gives) or "-",
+            ", ".join(gives) or "-",
         ]
         if verbose:
             row.append(", ".join(info.hooks))
