@@ -253,6 +253,29 @@ def _addresses(prefix: str = "") -> list[tuple[str, str]]:
     return [(f"{prefix}v1", a) for a in V1] + [(f"{prefix}v2", a) for a in V2]
 
 
+def test_explain_shows_the_balancing_and_resilience_policy(
+    gmesh_env: dict[str, str], mesh_keys: MeshKeys
+) -> None:
+    service = json.loads(json.dumps(SERVICE_DOC))
+    service["spec"].update(
+        balancer={
+            "policy": "least_request",
+            "subsets": {"v2": {"policy": "ring_hash", "hashKey": "x-user-id"}},
+        },
+        healthCheck={"interval": "2s", "unhealthyThreshold": 3, "healthyThreshold": 2},
+        outlierDetection={"consecutiveErrors": 5, "baseEjectionTime": "30s", "maxEjectionPercent": 50},
+        circuitBreaker={"maxRequests": 100, "maxPending": 10},
+    )
+    put_mesh(gmesh_env, mesh_keys, service, ROUTE_DOC)
+    lines = ok(gmesh("explain", "orders", METHOD, env=gmesh_env)).splitlines()
+    assert "balancer: least_request, v2: ring_hash on x-user-id" in lines, lines
+    assert "health check: every 2s, out after 3 failed, back after 2 passed" in lines, lines
+    assert (
+        "outlier ejection: 5 errors in a row; 30s x n, at most 50% ejected; panic below 50% usable" in lines
+    ), lines
+    assert "circuit breaker: maxRequests 100, maxPending 10" in lines, lines
+
+
 def test_explain_unknown_service_and_bad_method(gmesh_env: dict[str, str], mesh_keys: MeshKeys) -> None:
     put_mesh(gmesh_env, mesh_keys, SERVICE_DOC, ROUTE_DOC)
     error = one_line_error(gmesh("explain", "nosuch", "/a.B/C", env=gmesh_env))

@@ -109,6 +109,7 @@ def explain_call(
         )
     else:
         result["retry_budget"] = "20% of calls + 10/s over 10s (default)"
+    result["resilience"] = _resilience(resource.spec if resource is not None else None, rule, service)
     if rule is not None and rule.mirror is not None:
         result["mirror"] = f"{rule.mirror_share * 100:g}% to {_backend_text(rule.mirror, service)}"
     if rule is not None and rule.fault is not None:
@@ -125,6 +126,53 @@ def explain_call(
 def _size(table: Any, key: BackendKey) -> int:
     backend: Backend | None = table.get(key)
     return backend.size if backend is not None else 0
+
+
+def _resilience(spec: Any, rule: CompiledRule | None, service: str) -> list[str]:
+    """The Service's balancing and resilience policy, as lines for people."""
+    if spec is None:
+        return ["balancer: weighted_round_robin (no Service resource)"]
+    balancer = spec.balancer
+    keys = list(rule.split.choices) if rule is not None else [(service, None)]
+    policies = []
+    for _, subset in keys:
+        policy = balancer.subsets.get(subset, balancer) if subset else balancer
+        text = policy.policy + (f" on {policy.hash_key}" if policy.hash_key else "")
+        policies.append(f"{subset}: {text}" if subset and subset in balancer.subsets else text)
+    lines = ["balancer: " + ", ".join(dict.fromkeys(policies))]
+    if balancer.zone_aware is not None:
+        lines[0] += f"; zone aware (>= {balancer.zone_aware.min_healthy_percent:g}% usable stays local)"
+    if spec.health_check is not None:
+        hc = spec.health_check
+        lines.append(
+            f"health check: every {format_duration(hc.interval)}, out after {hc.unhealthy_threshold} failed,"
+            f" back after {hc.healthy_threshold} passed"
+        )
+    if spec.outlier_detection is not None:
+        od = spec.outlier_detection
+        modes = [f"{od.consecutive_errors} errors in a row"] if od.consecutive_errors else []
+        if od.failure_percentage is not None:
+            modes.append(f">= {od.failure_percentage.threshold:g}% failing")
+        if od.success_rate is not None:
+            modes.append("success-rate outliers")
+        lines.append(
+            f"outlier ejection: {', '.join(modes) or 'none'}; {format_duration(od.base_ejection_time)} x n,"
+            f" at most {od.max_ejection_percent:g}% ejected; panic below {spec.panic_threshold:g}% usable"
+        )
+    if spec.circuit_breaker is not None:
+        cb = spec.circuit_breaker
+        limits = [
+            f"{label} {value}"
+            for label, value in (
+                ("maxRequests", cb.max_requests),
+                ("maxPending", cb.max_pending if cb.max_requests is not None else None),
+                ("maxRetries", cb.max_retries),
+                ("maxRequestsPerEndpoint", cb.max_requests_per_endpoint),
+            )
+            if value is not None
+        ]
+        lines.append("circuit breaker: " + (", ".join(limits) or "none"))
+    return lines
 
 
 def render(result: dict[str, Any], n: int) -> str:
@@ -156,6 +204,7 @@ def render(result: dict[str, Any], n: int) -> str:
         )
     lines.append(f"timeout: {result['timeout']}")
     lines.append(f"retry: {result['retry']}; budget {result['retry_budget']}")
+    lines.extend(result["resilience"])
     if "mirror" in result:
         lines.append(f"mirror: {result['mirror']}")
     if "fault" in result:
