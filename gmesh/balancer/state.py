@@ -115,6 +115,7 @@ class Registry:
         #: (service, address) -> the health checker that probes it (one per process)
         self.health_owners: dict[tuple[str, str], object] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._retained: dict[int, set[tuple[str, str]]] = {}
 
     def get(self, service: str, address: str) -> EndpointState:
         key = (service, address)
@@ -130,6 +131,17 @@ class Registry:
         """Drop the states of endpoints no longer in the mesh."""
         for key in [k for k in self.states if k not in keep]:
             del self.states[key]
+
+    def retain(self, owner: object, keys: set[tuple[str, str]] | None) -> None:
+        """`owner` (an outbound) needs the states of `keys` (None: nothing any more); states no
+        owner needs are dropped, so endpoints that come and go do not pile up in a long-lived
+        process."""
+        if keys is None:
+            self._retained.pop(id(owner), None)
+        else:
+            self._retained[id(owner)] = keys
+        needed: set[tuple[str, str]] = set().union(*self._retained.values()) if self._retained else set()
+        self.forget(needed)
 
     def changed(self, service: str | None = None) -> None:
         """Health or ejection changed (of `service`'s endpoints, None: of any): rebuild pickers

@@ -108,6 +108,9 @@ class Outbound:
         if not health_only:
             self.pool.sync(ep.address for eps in snapshot.endpoints.values() for ep in eps)
             self.health.sync(snapshot)
+            self.registry.retain(
+                self, {(e.service, e.address) for eps in snapshot.endpoints.values() for e in eps}
+            )
         log.debug(
             "compiled %d chains for revision %d in %.2f ms",
             len(table.chains),
@@ -124,5 +127,6 @@ class Outbound:
         self._unsubscribe()
         self._unlisten()
         await self.health.close()
+        self.registry.retain(self, None)
         await self._publisher.release()
         await self.pool.close(grace)

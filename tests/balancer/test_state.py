@@ -464,3 +464,19 @@ def test_backends_of_another_registry_are_not_mixed_up() -> None:
     backend = backends(snap, other)[(SERVICE, None)]
     assert backend.states[eps[0].address] is other.get(SERVICE, eps[0].address)
     assert backend.size == 3
+
+
+def test_retain_drops_states_no_owner_needs() -> None:
+    registry = Registry()
+    first, second = object(), object()
+    registry.retain(first, {("svc", "a:1"), ("svc", "b:1")})
+    registry.retain(second, {("svc", "b:1"), ("svc", "c:1")})
+    for address in ("a:1", "b:1", "c:1", "gone:1"):
+        registry.get("svc", address).inflight = 1
+    registry.retain(second, {("svc", "b:1"), ("svc", "c:1")})
+    assert set(registry.states) == {("svc", "a:1"), ("svc", "b:1"), ("svc", "c:1")}
+    registry.retain(first, {("svc", "b:1")})  # a:1 left the mesh
+    assert set(registry.states) == {("svc", "b:1"), ("svc", "c:1")}
+    assert registry.get("svc", "b:1").inflight == 1  # kept states keep what they knew
+    registry.retain(second, None)  # an owner closed
+    assert set(registry.states) == {("svc", "b:1")}
