@@ -32,6 +32,7 @@ import grpc
 import grpc.aio
 
 from gmesh.chain.call import Call, Metadata, mirror_metadata, mirror_timeout
+from gmesh.chain.replay import RequestTape
 from gmesh.channel.status import StatusWatch
 from gmesh.config.types import format_duration
 from gmesh.errors import CallError
@@ -101,81 +102,6 @@ async def mirror_unary(call: Call, address: str) -> None:
 #: How long a retryable stream with empty headers waits for its first message (or its end)
 #: before sending the headers on, which commits it (no retry after that).
 HEADER_GRACE = 0.005
-
-#: Request bytes a stream keeps for retries; beyond this, the call is no longer retried.
-REPLAY_LIMIT = 1024 * 1024
-
-
-class RequestTape:
-    """The caller's request messages, read once and kept (up to `REPLAY_LIMIT` bytes) so a
-    retry can send them again to another endpoint.
-
-    Reads are pulled by the attempt that needs the next message (flow control holds), and
-    run in a task of their own: cancelling a failed attempt's pump never loses a message.
-    Past the limit the tape keeps nothing it has handed out and the call stops being
-    replayable. One attempt reads at a time (the retry filter runs them one after another).
-    """
-
-    __slots__ = ("_base", "_call", "_ended", "_error", "_iter", "_messages", "_reading", "_size")
-
-    def __init__(self, requests: AsyncIterator[bytes], call: Call) -> None:
-        self._iter = requests.__aiter__()
-        self._call = call
-        self._messages: list[bytes] = []
-        self._base = 0  # absolute index of self._messages[0]
-        self._size = 0
-        self._ended = False
-        self._error: BaseException | None = None
-        self._reading: asyncio.Future[bytes] | None = None
-
-    def _read_done(self, future: asyncio.Future[bytes]) -> None:
-        self._reading = None
-        if future.cancelled():
-            self._ended = True
-            return
-        error = future.exception()
-        if error is not None:
-            self._ended = True
-            if not isinstance(error, StopAsyncIteration):
-                self._error = error
-            return
-        message = future.result()
-        self._messages.append(message)
-        self._size += len(message)
-        if self._size > REPLAY_LIMIT:
-            self._call.replayable = False
-
-    async def messages(self) -> AsyncIterator[bytes]:
-        """Every request message from the first, replayed from memory, then read live."""
-        i = 0
-        while True:
-            if i < self._base:
-                raise RuntimeError("request stream is past its replay limit")
-            if i - self._base < len(self._messages):
-                message = self._messages[i - self._base]
-                i += 1
-                if not self._call.replayable:  # nothing is kept past the limit
-                    del self._messages[: i - self._base]
-                    self._base = i
-                yield message
-                continue
-            if self._ended:
-                if self._error is not None:
-                    raise self._error
-                return
-            if self._reading is None:
-                self._reading = asyncio.ensure_future(self._iter.__anext__())
-                self._reading.add_done_callback(self._read_done)
-            try:
-                # shield: a cancelled attempt must not cancel the read the next attempt needs.
-                # _read_done was added to the read first, so it has run when this returns.
-                await asyncio.shield(self._reading)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # this attempt is being cancelled (not the read)
-            except Exception:  # the read ended or failed: _read_done recorded it
-                pass
 
 
 async def forward_stream(call: Call) -> None:
