@@ -25,6 +25,7 @@ import grpc
 import grpc.aio
 
 from gmesh.chain.call import Call, Caller, mirror_metadata, mirror_timeout
+from gmesh.chain.replay import REPLAY_LIMIT, RequestTape, as_async
 from gmesh.channel import runtime
 from gmesh.channel.endpoint import EndpointPool
 from gmesh.channel.outbound import Outbound
@@ -254,7 +255,7 @@ def _make_call(
         downstream=downstream,
         caller=mesh.caller,
         down=mesh._pool.down,
-        replayable=unary,
+        replayable=True,  # unary: the request is in hand; streams: kept for replay (1 MiB)
         mirror=_mirror_unary if unary else None,
     )
     return call, chain.handler
@@ -457,6 +458,11 @@ class _Streaming:
         return StreamingCall(self, request, timeout, metadata, (credentials, wait_for_ready, compression))
 
 
+def _message_size(message: Any) -> int:
+    size = getattr(message, "ByteSize", None)
+    return int(size()) if size is not None else 0
+
+
 async def _forward_streaming(call: Call) -> Any:
     meshcall, request = call.downstream
     multi: _Streaming = meshcall._multi
@@ -464,7 +470,20 @@ async def _forward_streaming(call: Call) -> Any:
     conn = multi._mesh._pool.get(call.endpoint.address)
     factory = {"us": conn.unary_stream, "su": conn.stream_unary, "ss": conn.stream_stream}[multi._kind]
     credentials, wait_for_ready, compression = meshcall._extra
-    args = () if request is None and multi._kind != "us" else (request,)
+    writes = request is None and multi._kind != "us"  # the application writes requests itself
+    if multi._kind == "su":
+        # Not retried: when the server refuses a client-streaming call while grpc-python is
+        # still writing its requests, the status it reports is its own synthetic INTERNAL, so
+        # a refusal cannot be told from a real failure (the proxy can: it relays raw streams).
+        call.replayable = False
+    retrying = bool(call.attempts) and call.replayable  # keep what is sent, for a replay
+    if retrying:
+        meshcall._call = call
+        if not writes and multi._kind != "us":
+            if meshcall._tape is None:
+                meshcall._tape = RequestTape(as_async(request), call, _message_size)
+            request = meshcall._tape.messages()
+    args = () if writes else (request,)
     upstream = factory(call.method, multi._ser, multi._deser)(
         *args,
         timeout=call.upstream_timeout(),
@@ -473,7 +492,9 @@ async def _forward_streaming(call: Call) -> Any:
         wait_for_ready=wait_for_ready,
         compression=compression,
     )
-    meshcall._watch = StatusWatch(upstream)
+    watch = StatusWatch(upstream)
+    if retrying and writes and call.attempts > 1:
+        await _replay(meshcall, upstream)
     age = _max_stream_age(call)
     if age is not None:
         # The Service's maxStreamAge, as the proxy does it: end the upstream call, and tell the
@@ -489,11 +510,28 @@ async def _forward_streaming(call: Call) -> Any:
 
         timer = asyncio.get_running_loop().call_later(age * (1 + random.random() / 10), expire)
         upstream.add_done_callback(lambda _c: timer.cancel())
-    meshcall._upstream.set_result(upstream)
+    meshcall._publish(upstream, watch)
     # The chain (its filters' timing, retries...) spans the whole stream: wait for its end.
-    await upstream.code()
+    code = await upstream.code()
+    if retrying and code != grpc.StatusCode.OK and not meshcall._committed and meshcall._aged is None:
+        # Nothing of this attempt reached the application: let the retry filter decide.
+        status, details, trailing = await watch.final()
+        raise CallError(status, details, tuple(trailing))
     call.committed = True
     return None
+
+
+async def _replay(meshcall: StreamingCall, upstream: Any) -> None:
+    """Send a new attempt what the application wrote so far (it may write more meanwhile)."""
+    i = 0
+    try:
+        while i < len(meshcall._sent):
+            await upstream.write(meshcall._sent[i])
+            i += 1
+        if meshcall._half_closed:
+            await upstream.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+        pass  # this attempt failed too: its status says so
 
 
 _NO_DEFAULTS: tuple[float | None, float | None] = (None, None)
@@ -520,6 +558,15 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         self._upstream: asyncio.Future[Any] = loop.create_future()
         self._watch: StatusWatch | None = None
         self._error: grpc.aio.AioRpcError | None = None
+        # Retries (a route's retry policy): what the application wrote, whether it saw anything
+        # of the answer yet (then no retry), and a signal for each new attempt or the end.
+        self._call: Call | None = None
+        self._tape: RequestTape | None = None
+        self._sent: list[Any] = []
+        self._sent_size = 0
+        self._half_closed = False
+        self._committed = False
+        self._moved = asyncio.Event()
         #: set when the stream reached the Service's maxStreamAge (what the application sees)
         self._aged: grpc.aio.AioRpcError | None = None
         self._task = loop.create_task(self._run(request, timeout, metadata))
@@ -540,21 +587,55 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
                 (self, request),
             )  # fmt: skip
             await handler(call)
+            self._moved.set()  # readers waiting for another attempt: there is none
         except CallError as exc:
             self._fail(_to_rpc_error(exc))
         except grpc.aio.AioRpcError as exc:
             self._fail(exc)
         except asyncio.CancelledError:
-            if self._upstream.done():
-                self._upstream.result().cancel()
-            else:
+            current = self._current()
+            if current is not None:
+                current.cancel()
+            elif not self._upstream.done():
                 self._upstream.cancel()
+            self._moved.set()
             raise
 
     def _fail(self, error: grpc.aio.AioRpcError) -> None:
         self._error = error
         if not self._upstream.done():
             self._upstream.set_exception(error)
+        self._moved.set()
+
+    def _publish(self, upstream: Any, watch: StatusWatch) -> None:
+        """This attempt's call is the one the application talks to now."""
+        if self._upstream.done():
+            self._upstream = asyncio.get_running_loop().create_future()
+        self._watch = watch
+        self._upstream.set_result(upstream)
+        self._moved.set()
+
+    def _retrying(self) -> bool:
+        call = self._call
+        return call is not None and call.replayable and not self._committed
+
+    async def _next_after(self, failed: Any) -> Any | None:
+        """After `failed` (an attempt) ended: the next attempt's call, or None when the chain
+        ended without one (no retry)."""
+        while not self._task.done():
+            current = self._current()
+            if current is not None and current is not failed:
+                return current
+            self._moved.clear()
+            await self._moved.wait()
+        current = self._current()
+        return current if current is not None and current is not failed else None
+
+    def _current(self) -> Any | None:
+        future = self._upstream
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            return None
+        return future.result()
 
     async def _up(self) -> Any:
         return await asyncio.shield(self._upstream)
@@ -564,43 +645,109 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
 
     async def _iterate(self) -> AsyncIterator[Any]:
         upstream = await self._up()
-        try:
-            async for message in upstream:
-                yield message
-        except asyncio.CancelledError:
-            aged = self._aged_instead()
-            if aged is None:
-                raise
-            raise aged from None
+        if self._call is None:
+            # No retry policy: grpc.aio's own iteration (at the end it waits for the real status,
+            # where a bare read() may raise grpc.aio's synthetic INTERNAL after a write race).
+            try:
+                async for message in upstream:
+                    yield message
+            except asyncio.CancelledError:
+                aged = self._aged_instead()
+                if aged is None:
+                    raise
+                raise aged from None
+            return
+        while True:
+            message = await self.read()
+            if message is grpc.aio.EOF:
+                return
+            yield message
 
     async def read(self) -> Any:
-        try:
-            return await (await self._up()).read()
-        except asyncio.CancelledError:
-            aged = self._aged_instead()
-            if aged is None:
-                raise
-            raise aged from None
+        upstream = await self._up()
+        while True:
+            try:
+                message = await upstream.read()
+            except asyncio.CancelledError:
+                aged = self._aged_instead()
+                if aged is None:
+                    raise
+                raise aged from None
+            except grpc.aio.AioRpcError:
+                if not self._retrying():
+                    raise
+                following = await self._next_after(upstream)
+                if following is None:
+                    raise
+                upstream = following
+                continue
+            if message is not grpc.aio.EOF:
+                self._committed = True  # the application saw the answer: no retry any more
+            elif self._retrying() and upstream.done() and await upstream.code() != grpc.StatusCode.OK:
+                following = await self._next_after(upstream)
+                if following is not None:
+                    upstream = following
+                    continue
+            return message
 
     async def write(self, request: Any) -> None:
+        upstream = await self._up()
+        call = self._call
+        if call is not None and call.replayable and not self._committed:
+            self._sent.append(request)  # a retry sends it again
+            self._sent_size += _message_size(request)
+            if self._sent_size > REPLAY_LIMIT:
+                call.replayable = False
+                self._sent.clear()
         try:
-            await (await self._up()).write(request)
-        except (asyncio.CancelledError, asyncio.InvalidStateError):
+            await upstream.write(request)
+        except (asyncio.CancelledError, asyncio.InvalidStateError, grpc.aio.AioRpcError) as exc:
             aged = self._aged_instead()
-            if aged is None:
+            if aged is not None:
+                raise aged from None
+            if isinstance(exc, asyncio.CancelledError) or not self._retrying():
                 raise
-            raise aged from None
+            if await self._next_after(upstream) is None:
+                raise  # no retry: this attempt's failure is the call's
+            # the next attempt got everything written so far, this message included
 
     async def done_writing(self) -> None:
-        await (await self._up()).done_writing()
+        self._half_closed = True
+        upstream = await self._up()
+        try:
+            await upstream.done_writing()
+        except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+            if not self._retrying() or await self._next_after(upstream) is None:
+                raise
 
     def __await__(self) -> Generator[Any, None, Any]:  # stream-unary
-        upstream = yield from self._up().__await__()
-        return (yield from upstream.__await__())
+        return (yield from self._response().__await__())
+
+    async def _response(self) -> Any:
+        upstream = await self._up()
+        while True:
+            try:
+                response = await upstream
+            except grpc.aio.AioRpcError:
+                if not self._retrying():
+                    raise
+                following = await self._next_after(upstream)
+                if following is None:
+                    raise
+                upstream = following
+                continue
+            self._committed = True
+            return response
 
     async def _final(self) -> tuple[grpc.StatusCode, str, Any]:
         if self._aged is not None:
             return self._aged.code(), self._aged.details() or "", self._aged.trailing_metadata()
+        if self._call is not None and self._call.replayable:
+            # Under a retry policy the status is the last attempt's: wait for the chain to end.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._task)
+            if self._error is not None:
+                return self._error.code(), self._error.details() or "", self._error.trailing_metadata()
         try:
             await self._up()
         except grpc.aio.AioRpcError as exc:
@@ -626,7 +773,17 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
             if not self._upstream.cancelled():
                 raise
             return grpc.aio.Metadata()
-        return await upstream.initial_metadata()
+        while True:
+            metadata = await upstream.initial_metadata()
+            if metadata:
+                self._committed = True  # headers reached the application: no retry
+                return metadata
+            if not (self._retrying() and upstream.done() and await upstream.code() != grpc.StatusCode.OK):
+                return metadata
+            following = await self._next_after(upstream)  # a refusal: the next attempt's headers
+            if following is None:
+                return metadata
+            upstream = following
 
     async def trailing_metadata(self) -> grpc.aio.Metadata:
         return (await self._final())[2]

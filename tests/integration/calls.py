@@ -47,6 +47,9 @@ async def outcome(kind: str, stub: echo_pb2_grpc.EchoStub, **kw: Any) -> dict[st
         call = stub.ClientStream(reqs(3, **kw), metadata=REQUEST_MD, timeout=10)
     else:
         call = stub.Bidi(reqs(3, **kw), metadata=REQUEST_MD, timeout=10)
+    # A plain grpc.aio client (the direct baseline too) may report its own synthetic INTERNAL
+    # when one of its request writes races the server's end; StatusWatch waits for the real one.
+    watch = StatusWatch(call)
     initial = await call.initial_metadata()  # must arrive before any message
     messages: list[Any] = []
     code, details = grpc.StatusCode.OK, ""
@@ -58,9 +61,12 @@ async def outcome(kind: str, stub: echo_pb2_grpc.EchoStub, **kw: Any) -> dict[st
                 messages.append(view(message))
     except grpc.aio.AioRpcError as exc:
         code, details = exc.code(), exc.details()
+    trailing = await call.trailing_metadata()
+    if code == grpc.StatusCode.INTERNAL and details == "Internal error from Core":
+        code, details, trailing = await watch.final()
     return {
         "initial": [(k, v) for k, v in initial if k.startswith("x-")],
-        "trailing": [(k, v) for k, v in await call.trailing_metadata() if k.startswith("x-")],
+        "trailing": [(k, v) for k, v in trailing if k.startswith("x-")],
         "code": code,
         "details": details,
         "messages": messages,
