@@ -724,20 +724,8 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         return (yield from self._response().__await__())
 
     async def _response(self) -> Any:
-        upstream = await self._up()
-        while True:
-            try:
-                response = await upstream
-            except grpc.aio.AioRpcError:
-                if not self._retrying():
-                    raise
-                following = await self._next_after(upstream)
-                if following is None:
-                    raise
-                upstream = following
-                continue
-            self._committed = True
-            return response
+        # Stream-unary calls through the channel are never retried (see _forward_streaming).
+        return await (await self._up())
 
     async def _final(self) -> tuple[grpc.StatusCode, str, Any]:
         if self._aged is not None:

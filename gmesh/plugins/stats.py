@@ -192,16 +192,25 @@ class Sample:
 
 async def read_stats(store: Store, keys: MeshKeys, service: str) -> dict[str, dict[str, Sample]]:
     """process -> subset ("" = whole service) -> counters, as published now."""
+    return (await read_stats_at(store, keys, service))[0]
+
+
+async def read_stats_at(
+    store: Store, keys: MeshKeys, service: str
+) -> tuple[dict[str, dict[str, Sample]], dict[str, float]]:
+    """`read_stats`, and when each process published (wall-clock seconds)."""
     kvs, _ = await store.get_prefix(keys.stats_of(service))
     out: dict[str, dict[str, Sample]] = {}
+    times: dict[str, float] = {}
     for kv in kvs:
         process = kv.key.rsplit("/", 1)[-1]
         try:
             doc = json.loads(kv.value)
             out[process] = {subset: Sample.from_json(v) for subset, v in doc.get("backends", {}).items()}
+            times[process] = float(doc.get("at", 0.0))
         except (ValueError, TypeError, AttributeError):
             log.warning("ignoring malformed stats at %s", kv.key)
-    return out
+    return out, times
 
 
 def delta(

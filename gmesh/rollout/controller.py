@@ -19,7 +19,7 @@ from gmesh.config.types import format_duration
 from gmesh.config.validate import parse_stored
 from gmesh.discovery.keys import MeshKeys
 from gmesh.errors import Conflict, InvalidArgument, NotFound
-from gmesh.plugins.stats import Sample, delta, read_stats
+from gmesh.plugins.stats import Sample, delta, read_stats, read_stats_at
 from gmesh.store.etcd import Compare, Put, Store
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 RUNNING, PROMOTED, ROLLED_BACK, ABORTED = "running", "promoted", "rolled-back", "aborted"
 ABORT_REQUESTED = "abort-requested"
 LOCK_TTL = 5
+#: Longest wait, after a step's interval, for every process's counters up to its end.
+PUBLISH_WAIT = 1.5
 
 
 @dataclass
@@ -299,6 +301,20 @@ def judge(state: RolloutState, change: dict[str, Sample]) -> tuple[str | None, d
     return None, measured
 
 
+async def _counts_since(
+    store: Store, keys: MeshKeys, service: str, since: float, before: dict[str, dict[str, Sample]]
+) -> dict[str, dict[str, Sample]]:
+    """The counters once every process counted before has published what it counted up to
+    `since` (they publish once a second, and only when their counts changed: a process with
+    nothing new never does, hence the deadline)."""
+    deadline = time.monotonic() + PUBLISH_WAIT
+    while True:
+        after, published = await read_stats_at(store, keys, service)
+        if all(published.get(p, 0.0) >= since for p in before) or time.monotonic() >= deadline:
+            return after
+        await asyncio.sleep(0.1)
+
+
 async def run_canary(
     store: Store,
     keys: MeshKeys,
@@ -356,9 +372,7 @@ async def _drive(
                 break
         if aborted:
             return await finish(ABORTED, {state.baseline: 100}, "aborted by request")
-        # Counters are published once a second: wait for one more round before reading.
-        await asyncio.sleep(1.1)
-        after = await read_stats(store, keys, state.service)
+        after = await _counts_since(store, keys, state.service, time.time(), before)
         why, measured = judge(state, delta(before, after))
         if measured["baseline"]["calls"] >= state.thresholds.min_calls:
             measured["baseline_p99"] = measured["baseline"]["p99"]
