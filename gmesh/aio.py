@@ -8,6 +8,6 @@ async with gmesh.aio.channel("gmesh:///orders") as channel:
     order = await stub.GetOrder(request)
 """
 
-from gmesh.channel.client import MeshChannel, channel
+from gmesh.channel.channel import MeshChannel, channel
 
 __all__ = ["MeshChannel", "channel"]

@@ -23,6 +23,7 @@ from gmesh.errors import InvalidArgument
 if TYPE_CHECKING:
     import click
 
+    from gmesh.chain.compose import PluginFactory
     from gmesh.chain.filter import FilterFactory
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,15 @@ class Plugins:
             self._kinds = kinds
         return self._kinds
 
-    def filter_factories(self) -> list[FilterFactory]:
-        """Every filter factory, in plugin call order (the chain sorts them by phase)."""
-        factories: list[FilterFactory] = []
-        for given in self.pm.hook.gmesh_filter_factories():
-            factories.extend(given)
+    def filter_factories(self) -> list[PluginFactory]:
+        """Every filter factory with the plugin that gave it, in plugin call order (the chain
+        sorts them by phase)."""
+        from gmesh.chain.compose import PluginFactory
+
+        factories: list[PluginFactory] = []
+        for impl in self.pm.hook.gmesh_filter_factories.get_hookimpls()[::-1]:
+            given = cast("list[FilterFactory]", impl.function())
+            factories.extend(PluginFactory(impl.plugin_name, f) for f in given or ())
         return factories
 
     def filters_by_plugin(self) -> dict[str, list[FilterFactory]]:

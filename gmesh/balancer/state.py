@@ -3,16 +3,17 @@
 One `EndpointState` per (service, address) per process, kept across config changes so a
 recompile does not forget that an endpoint is slow, failing or ejected. Pickers read it
 (in-flight counts, EWMA latency); the BALANCE filter writes it after each attempt; active
-health checks and outlier detection flip `healthy` / `ejected_until`. A flip bumps
-`Registry.generation` and tells listeners, which build new pickers without that endpoint
-(pickers themselves stay immutable: grpc-go's balancer/picker split).
+health checks and outlier detection flip `healthy` / `ejected_until`. A flip tells the
+mesh's `EndpointStates` listeners, which build new pickers for that service only (pickers
+themselves stay immutable: grpc-go's balancer/picker split). One `EndpointStates` per mesh
+and process (`gmesh.outbound.mesh.MeshState`), never a process global.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 #: Latency assumed for an endpoint that has not answered yet (Linkerd's default RTT is similar).
 DEFAULT_RTT = 0.010
@@ -103,19 +104,15 @@ class EndpointState:
         }
 
 
-class Registry:
-    """Every endpoint state of this process, and who to tell when health or ejection changes."""
+class EndpointStates:
+    """Every endpoint state of one mesh in this process, and who to tell when health or
+    ejection changes (per service: only that service's pickers are rebuilt)."""
 
     def __init__(self) -> None:
         self.states: dict[tuple[str, str], EndpointState] = {}
-        #: bumped on every change that should rebuild pickers; per service in `generations`
-        self.generation = 0
+        #: per service, bumped on every change that should rebuild its pickers
         self.generations: dict[str, int] = {}
-        self.everything = 0
-        #: (service, address) -> the health checker that probes it (one per process)
-        self.health_owners: dict[tuple[str, str], object] = {}
-        self._listeners: list[Callable[[], None]] = []
-        self._retained: dict[int, set[tuple[str, str]]] = {}
+        self._listeners: list[Callable[[str], None]] = []
 
     def get(self, service: str, address: str) -> EndpointState:
         key = (service, address)
@@ -124,44 +121,32 @@ class Registry:
             state = self.states[key] = EndpointState(service, address)
         return state
 
-    def of_service(self, service: str) -> list[EndpointState]:
-        return [s for (svc, _), s in self.states.items() if svc == service]
+    def of_service(self, service: str, addresses: Iterable[str]) -> list[EndpointState]:
+        """The states of `service`'s endpoints at `addresses` (those not created yet are not made)."""
+        found = []
+        for address in addresses:
+            state = self.states.get((service, address))
+            if state is not None:
+                found.append(state)
+        return found
 
-    def forget(self, keep: set[tuple[str, str]]) -> None:
-        """Drop the states of endpoints no longer in the mesh."""
-        for key in [k for k in self.states if k not in keep]:
+    def keep_only(self, service: str, addresses: Iterable[str]) -> None:
+        """Drop `service`'s states other than those at `addresses` (endpoints that left, or all of
+        them when the service is no longer used), so a long-lived process does not grow."""
+        keep = set(addresses)
+        for key in [k for k in self.states if k[0] == service and k[1] not in keep]:
             del self.states[key]
 
-    def retain(self, owner: object, keys: set[tuple[str, str]] | None) -> None:
-        """`owner` (an outbound) needs the states of `keys` (None: nothing any more); states no
-        owner needs are dropped, so endpoints that come and go do not pile up in a long-lived
-        process."""
-        if keys is None:
-            self._retained.pop(id(owner), None)
-        else:
-            self._retained[id(owner)] = keys
-        needed: set[tuple[str, str]] = set().union(*self._retained.values()) if self._retained else set()
-        self.forget(needed)
-
-    def changed(self, service: str | None = None) -> None:
-        """Health or ejection changed (of `service`'s endpoints, None: of any): rebuild pickers
-        (listeners debounce)."""
-        self.generation += 1
-        if service is not None:
-            self.generations[service] = self.generation
-        else:
-            self.everything = self.generation
+    def changed(self, service: str) -> None:
+        """Health or ejection of `service`'s endpoints changed: rebuild its pickers (listeners debounce)."""
+        self.generations[service] = self.generations.get(service, 0) + 1
         for listener in list(self._listeners):
-            listener()
+            listener(service)
 
-    def service_generation(self, service: str) -> int:
-        """Changes so far that concern `service` (its pickers are rebuilt when this moves)."""
-        return max(self.generations.get(service, 0), self.everything)
+    def generation(self, service: str) -> int:
+        """Changes so far that concern `service`."""
+        return self.generations.get(service, 0)
 
-    def listen(self, listener: Callable[[], None]) -> Callable[[], None]:
+    def listen(self, listener: Callable[[str], None]) -> Callable[[], None]:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
-
-
-#: The registry of this process.
-REGISTRY = Registry()

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Container
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from gmesh.chain.metadata import Metadata, metadata_value
 
 if TYPE_CHECKING:
     from gmesh.discovery.endpoint import Endpoint, MethodKind
 
-Metadata = tuple[tuple[str, str | bytes], ...]
+#: What a front door keeps per call for its forwarder (the proxy's server-side stream, the
+#: channel's call object); filters never look inside it.
+D = TypeVar("D")
 
 
 class Caller:
@@ -33,25 +37,29 @@ class Caller:
 ANONYMOUS = Caller()
 
 
-class Call:
+class Call(Generic[D]):
     """One RPC in flight.
 
     `method` is the full path (`/pkg.Service/Method`), `metadata` the request metadata as
     sent on to the upstream (filters may replace it), `deadline` an absolute
     `time.monotonic()` value or None, `service` the destination mesh service, `kind` the
     method kind when known. `endpoint` is set by the balancer; `committed` becomes True
-    once the upstream's response headers reached the caller (no retry after that);
-    `stash` is a dict for filters to share per-call state (created on first use).
+    once part of the answer (response headers or a message) reached the caller (no retry
+    after that); `stash` is a dict for filters to share per-call state (created on first
+    use). `wait_for_ready`: the caller would rather wait (up to its deadline) for an
+    endpoint than fail at once when there is none.
 
     `forward` is the front door's terminal step (proxy relay or in-process channel call);
-    the chain's last handler calls it. `downstream` is what the front door needs for it.
-    `down` holds the addresses whose connection is failing right now (balancers skip them).
+    the chain's last handler calls it, with `downstream`, the front door's own per-call
+    object. `down` holds the addresses whose connection is failing right now (balancers
+    skip them).
 
     Set by the ROUTE phase: `route` (the matched rule, read by retry and observers) and
     `backend` (`(service, subset)`; None = every endpoint of `service`). `tried` holds the
     addresses earlier attempts used (balancers avoid them on retries). `replayable` says
-    the front door can send the request again (unary calls: the request is in hand);
-    `mirror` is the front door's way to send a copy elsewhere (None: it cannot).
+    the front door can send the request again (unary calls: the request is in hand;
+    streams while their replay buffer holds everything sent); `mirror` is the front door's
+    way to send a copy of the call to an endpoint (None: it cannot).
     """
 
     __slots__ = (
@@ -74,6 +82,7 @@ class Call:
         "service",
         "started",
         "tried",
+        "wait_for_ready",
     )
 
     def __init__(
@@ -82,23 +91,24 @@ class Call:
         metadata: Metadata,
         deadline: float | None,
         service: str,
-        forward: Callable[[Call], Awaitable[Any]],
+        forward: Callable[[Call[D]], Awaitable[Any]],
+        downstream: Any = None,
         *,
         kind: MethodKind | None = None,
         caller: Caller = ANONYMOUS,
-        downstream: Any = None,
         down: Container[str] = frozenset(),
         replayable: bool = False,
-        mirror: Callable[[Call, str], Awaitable[Any]] | None = None,
+        mirror: Callable[[Call[D], Endpoint], Awaitable[Any]] | None = None,
+        wait_for_ready: bool = False,
     ) -> None:
         self.method = method
         self.metadata = metadata
         self.deadline = deadline
         self.service = service
         self.forward = forward
+        self.downstream: D = downstream
         self.kind = kind
         self.caller = caller
-        self.downstream = downstream
         self.down = down
         self.endpoint: Endpoint | None = None
         self.committed = False
@@ -108,6 +118,7 @@ class Call:
         self.tried: set[str] | None = None
         self.replayable = replayable
         self.mirror = mirror
+        self.wait_for_ready = wait_for_ready
         self.started = time.monotonic()
         self._stash: dict[str, Any] | None = None
 
@@ -116,6 +127,10 @@ class Call:
         if self._stash is None:
             self._stash = {}
         return self._stash
+
+    def header(self, key: str) -> str | None:
+        """The first value of request metadata `key` (lowercase), or None (`-bin` values as latin-1)."""
+        return metadata_value(self.metadata, key)
 
     def time_remaining(self) -> float | None:
         """Seconds left before the deadline (never negative), or None without a deadline."""
@@ -156,7 +171,7 @@ def mirror_metadata(metadata: Metadata) -> Metadata:
     return (*metadata, ("x-gmesh-mirror", "1"))
 
 
-def mirror_timeout(call: Call) -> float:
+def mirror_timeout(call: Call[Any]) -> float:
     """The timeout of a mirrored copy of `call`: the original's time left, capped."""
     left = call.time_remaining()
     return MIRROR_TIMEOUT if left is None else max(min(left, MIRROR_TIMEOUT), 0.001)

@@ -7,15 +7,16 @@ from typing import Any
 
 import click
 
+from gmesh.balancer.backends import Backends, service_spec
 from gmesh.chain.call import Call, Caller
-from gmesh.chain.compose import build_table
+from gmesh.chain.compose import build_chain, order
 from gmesh.cli.common import MeshTarget, mesh_options, run, table
 from gmesh.config.types import format_duration
 from gmesh.discovery.catalog import Catalog, MeshSnapshot
 from gmesh.errors import InvalidArgument, NotFound
+from gmesh.outbound.mesh import Build, MeshState
 from gmesh.pluginmanager import Plugins
-from gmesh.plugins.balancer import Backend, BackendKey, backends
-from gmesh.plugins.router import CompiledRule, compile_table
+from gmesh.routing.table import BackendKey, CompiledRule, compile_table
 
 
 def _pairs(values: tuple[str, ...], what: str) -> tuple[tuple[str, str], ...]:
@@ -39,7 +40,7 @@ async def _snapshot(target: MeshTarget, plugins: Plugins) -> MeshSnapshot:
         return catalog.snapshot
 
 
-async def _noop(call: Call) -> None:
+async def _noop(call: Call[None]) -> None:
     return None
 
 
@@ -53,17 +54,22 @@ def explain_call(
     n: int,
 ) -> dict[str, Any]:
     """What the data path would do with this call (and with `n` like it), as plain data."""
-    if service not in snapshot.services():
+    if not snapshot.has_service(service):
         known = ", ".join(snapshot.services()) or "none"
         raise NotFound(f"no mesh service {service!r} (known: {known})")
-    chains = build_table(snapshot, plugins.filter_factories())
-    call = Call(method, metadata, None, service, _noop, caller=caller)
+    # The same compile the proxy and channels run, on a mesh state of this process's own.
+    mesh = MeshState(lambda: snapshot)
     route = compile_table(service, snapshot)
-    table_backends = backends(snapshot)
+    chain = build_chain(
+        Build(service, snapshot, service_spec(snapshot, service), route, mesh.backends, mesh),
+        order(plugins.filter_factories()),
+    )
+    call: Call[None] = Call(method, metadata, None, service, _noop, None, caller=caller)
+    table_backends = mesh.backends
     result: dict[str, Any] = {
         "service": service,
         "revision": snapshot.revision,
-        "chain": list(chains.chains[service].filters),
+        "chain": list(chain.filters),
         "route": route.route if route else None,
         "rules": [],
     }
@@ -87,8 +93,7 @@ def explain_call(
     result["backends"] = weights
     picks: collections.Counter[tuple[str, str]] = collections.Counter()
     for key in keys:
-        backend = table_backends.get(key)
-        endpoint = backend.picker.pick(call) if backend is not None else None
+        endpoint = table_backends.get(key).picker.pick(call)
         picks[(_backend_text(key, service), endpoint.address if endpoint else "(no endpoint)")] += 1
     result["picks"] = [{"backend": b, "endpoint": e, "calls": c} for (b, e), c in sorted(picks.items())]
     resource = snapshot.resource("Service", service)
@@ -123,9 +128,8 @@ def explain_call(
     return result
 
 
-def _size(table: Any, key: BackendKey) -> int:
-    backend: Backend | None = table.get(key)
-    return backend.size if backend is not None else 0
+def _size(table: Backends, key: BackendKey) -> int:
+    return table.get(key).size
 
 
 def _resilience(spec: Any, rule: CompiledRule | None, service: str) -> list[str]:

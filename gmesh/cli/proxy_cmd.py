@@ -48,6 +48,28 @@ def parse_size(text: str) -> int:
     help="on SIGTERM, how long calls in flight may finish before they are cancelled",
 )
 @click.option(
+    "--drain-delay",
+    type=DURATION,
+    default="2s",
+    show_default=True,
+    help="on SIGTERM, how long the proxy keeps serving after it turns NOT_SERVING and withdraws "
+    "its record, before it stops accepting calls",
+)
+@click.option(
+    "--idle-timeout",
+    type=DURATION,
+    default=None,
+    help="close a service's connections (and stop its health checks) after this long without "
+    "calls [default: 10m, or GMESH_IDLE_TIMEOUT]",
+)
+@click.option(
+    "--replay-budget",
+    default="64MiB",
+    show_default=True,
+    help="request bytes all retried streams may keep for replay together; beyond it streams go "
+    "on without retry protection",
+)
+@click.option(
     "--max-message-size",
     default="4MiB",
     show_default=True,
@@ -96,6 +118,9 @@ def proxy(
     admin: str,
     workers: int,
     drain_timeout: float,
+    drain_delay: float,
+    idle_timeout: float | None,
+    replay_budget: str,
     max_message_size: str,
     snapshot_file: str | None,
     caller_labels: tuple[str, ...],
@@ -108,8 +133,12 @@ def proxy(
     A call's destination is the mesh service named by its x-gmesh-service header, else
     the one whose endpoints serve the gRPC service of its method path. Metadata,
     deadlines, cancellation, status and trailers pass through unchanged. SIGTERM
-    drains: no new calls, calls in flight get --drain-timeout. Runs on uvloop when it is
-    installed (GMESH_EVENT_LOOP=asyncio to opt out).
+    drains: NOT_SERVING and the proxy's record withdrawn, --drain-delay more of service,
+    then no new calls while calls in flight get --drain-timeout. A port already in use is
+    an error (only the --workers of one proxy share a port). With etcd unreachable at
+    start, it serves the snapshot its last run persisted. Connections to a service are
+    made when it is first called and closed after --idle-timeout without calls. Runs on
+    uvloop when it is installed (GMESH_EVENT_LOOP=asyncio to opt out).
     """
     from pathlib import Path
 
@@ -119,10 +148,11 @@ def proxy(
     if admin:
         parse_address(admin)
     max_bytes = parse_size(max_message_size)
+    budget = parse_size(replay_budget)
     labels = dict(parse_label(text) for text in caller_labels)
     if workers > 1 and worker_index is None:
         argv = [a for a in sys.argv[1:]]
-        raise SystemExit(supervise(argv, workers))
+        raise SystemExit(supervise(argv, workers, listen))
     port = listen.rpartition(":")[2]
     index = worker_index or 0
     snapshot = Path(snapshot_file) if snapshot_file else data_dir() / "snapshots" / f"proxy-{port}.json"
@@ -135,6 +165,9 @@ def proxy(
             etcd=etcd,
             keys=target.keys,
             drain_timeout=drain_timeout,
+            drain_delay=drain_delay,
+            idle_timeout=idle_timeout,
+            replay_budget=budget,
             max_message_bytes=max_bytes,
             snapshot_file=snapshot,
             worker=index,

@@ -58,6 +58,14 @@ from gmesh.store.connect import resolve_etcd
 @click.option(
     "--health-interval", type=DURATION, default="2s", show_default=True, help="health poll interval"
 )
+@click.option(
+    "--drain-delay",
+    type=DURATION,
+    default="2s",
+    show_default=True,
+    help="on Ctrl-C or SIGTERM, how long to wait after withdrawing the endpoint before exiting "
+    "(calls already routed to it still land)",
+)
 @click.option("--no-reflection", is_flag=True, help="do not ask the server which gRPC services it serves")
 @mesh_options
 def register(
@@ -72,12 +80,14 @@ def register(
     health_check: bool,
     health_service: str,
     health_interval: float,
+    drain_delay: float,
     no_reflection: bool,
 ) -> None:
     """Register ADDRESS as an endpoint of SERVICE until interrupted.
 
     Stays in the foreground holding the registration's lease; Ctrl-C or SIGTERM withdraws
-    it at once, a crash lets it expire after --ttl seconds. The gRPC services served are
+    it at once and exits after --drain-delay (stop the server after that), a crash lets it
+    expire after --ttl seconds. The gRPC services served are
     learned from server reflection when the server offers it, else taken from
     --grpc-service.
     """
@@ -103,6 +113,7 @@ def register(
                 health_service=health_service,
                 health_interval=health_interval,
                 handle_sigterm=False,
+                drain_delay=drain_delay,
             ),
         )
     )
@@ -127,4 +138,9 @@ async def _hold(target: MeshTarget, options: dict[str, Any]) -> None:
             err=True,
         )
         await stop.wait()
+        click.echo(
+            f"withdrawing: {registration.service} {registration.address}; exiting in "
+            f"{registration.drain_delay:g}s",
+            err=True,
+        )
     click.echo(f"withdrawn: {registration.service} {registration.address}", err=True)

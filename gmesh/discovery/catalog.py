@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 _EMPTY_MAP: Mapping[str, Any] = MappingProxyType({})
 
+#: With a persisted snapshot on disk, how long a starting catalog lets etcd answer before it
+#: serves the file (a restart while etcd is down must serve within a second).
+FILE_AFTER = 0.3
+
 
 @dataclass(frozen=True, slots=True)
 class MeshSnapshot:
@@ -40,7 +44,12 @@ class MeshSnapshot:
     `endpoints`: service -> its endpoints, sorted by address.
     `resources`: kind -> name -> validated resource.
     `grpc_services`: gRPC service name (`orders.v1.Orders`) -> mesh services registering it.
+    `routes`: mesh service -> the `Route` resource that routes its calls.
     `source`: "etcd", "file" (loaded from the persisted copy) or "empty".
+
+    A new snapshot reuses every part the change did not touch (the same tuple of endpoints,
+    the same resource objects), so `old.endpoints_of(s) is new.endpoints_of(s)` tells in
+    O(1) whether a service's endpoints changed: consumers diff only what they use.
     """
 
     revision: int = 0
@@ -48,9 +57,14 @@ class MeshSnapshot:
     resources: Mapping[str, Mapping[str, Resource]] = field(default_factory=lambda: _EMPTY_MAP)
     grpc_services: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _EMPTY_MAP)
     source: str = "empty"
+    routes: Mapping[str, Resource] = field(default_factory=lambda: _EMPTY_MAP)
 
     def endpoints_of(self, service: str) -> tuple[Endpoint, ...]:
         return self.endpoints.get(service, ())
+
+    def has_service(self, service: str) -> bool:
+        """Whether `service` exists: it has endpoints or a `Service` resource."""
+        return service in self.endpoints or service in self.resources.get("Service", _EMPTY_MAP)
 
     def resource(self, kind: str, name: str) -> Resource | None:
         return self.resources.get(kind, _EMPTY_MAP).get(name)
@@ -89,6 +103,9 @@ class Catalog:
         self._endpoints: dict[str, dict[str, Endpoint]] = {}
         self._resources: dict[str, dict[str, Resource]] = {}
         self._invalid: dict[str, str] = {}
+        #: per mesh service, the gRPC services its endpoints serve; and the reverse index
+        self._grpc_of: dict[str, frozenset[str]] = {}
+        self._grpc_index: dict[str, set[str]] = {}
         self._task: asyncio.Task[None] | None = None
         self._persist_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
@@ -96,21 +113,33 @@ class Catalog:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def start(self, *, wait: float = 5.0) -> None:
-        """Start following etcd; wait up to `wait` s for the first snapshot, else use the persisted one."""
+    async def start(self, *, wait: float = 5.0, file_after: float = FILE_AFTER) -> None:
+        """Start following etcd, and return once there is a snapshot to serve, or after `wait`.
+
+        With a persisted snapshot on disk, etcd gets `file_after` seconds to answer first;
+        then the file is served (source "file") while the watch keeps trying in the
+        background, and etcd's own snapshot replaces it when it answers.
+        """
         self._task = asyncio.create_task(self._follow(), name="gmesh-catalog")
+        has_file = self.persist_path is not None and self.persist_path.exists()
         try:
-            await self.wait_for(lambda s: s.source == "etcd", timeout=wait)
+            await self.wait_for(
+                lambda s: s.source == "etcd", timeout=min(wait, file_after) if has_file else wait
+            )
         except TimeoutError:
             revision = self._load_persisted() if self.snapshot.source == "empty" else None
             if revision is not None:
                 await self._publish(revision, touched=None, source="file")
                 log.warning(
-                    "etcd unreachable (%s); serving the snapshot persisted at %s (revision %d)",
-                    self.last_error,
+                    "etcd not answering (%s); serving the snapshot persisted at %s (revision %d) "
+                    "until it does",
+                    self.last_error or "no answer yet",
                     self.persist_path,
                     self.snapshot.revision,
                 )
+            elif has_file and wait > file_after:
+                with contextlib.suppress(TimeoutError):
+                    await self.wait_for(lambda s: s.source == "etcd", timeout=wait - file_after)
 
     async def close(self) -> None:
         for task in (self._task, self._persist_task):
@@ -249,15 +278,22 @@ class Catalog:
         old = self.snapshot
         endpoints: dict[str, tuple[Endpoint, ...]]
         resources: dict[str, Mapping[str, Resource]]
-        if touched is None or old.source != source:
+        full = touched is None or old.source != source
+        if full:
             endpoints = {s: _sorted(eps) for s, eps in self._endpoints.items() if eps}
             resources = {k: MappingProxyType(dict(v)) for k, v in self._resources.items() if v}
+            self._grpc_of = {}
+            self._grpc_index = {}
+            touched_services: set[str] = set(endpoints)
         else:
+            assert touched is not None
             endpoints = dict(old.endpoints)
             resources = dict(old.resources)
+            touched_services = set()
             for what_group in touched:
                 what, _, group = what_group.partition(":")
                 if what == "endpoint":
+                    touched_services.add(group)
                     members = self._endpoints.get(group)
                     if members:
                         endpoints[group] = _sorted(members)
@@ -269,16 +305,46 @@ class Catalog:
                         resources[group] = MappingProxyType(dict(res))
                     else:
                         resources.pop(group, None)
-        by_grpc: dict[str, list[str]] = {}
-        for service, listed in endpoints.items():
-            for name in {g for ep in listed for g in ep.grpc_services}:
-                by_grpc.setdefault(name, []).append(service)
+        # gRPC service -> mesh services, kept up to date for the services touched only
+        grpc_changed = full
+        for service in touched_services:
+            names = frozenset(g for ep in endpoints.get(service, ()) for g in ep.grpc_services)
+            before = self._grpc_of.get(service, frozenset())
+            if names == before:
+                continue
+            grpc_changed = True
+            for name in before - names:
+                owners = self._grpc_index.get(name)
+                if owners is not None:
+                    owners.discard(service)
+                    if not owners:
+                        del self._grpc_index[name]
+            for name in names - before:
+                self._grpc_index.setdefault(name, set()).add(service)
+            if names:
+                self._grpc_of[service] = names
+            else:
+                self._grpc_of.pop(service, None)
+        grpc_services = (
+            MappingProxyType({k: tuple(sorted(v)) for k, v in self._grpc_index.items()})
+            if grpc_changed
+            else old.grpc_services
+        )
+        routes = old.routes
+        if full or resources.get("Route") is not old.resources.get("Route"):
+            routes = MappingProxyType(
+                {
+                    getattr(r.spec, "service", ""): r
+                    for r in sorted(resources.get("Route", _EMPTY_MAP).values(), key=lambda r: r.name)
+                }
+            )
         self.snapshot = MeshSnapshot(
             revision=revision,
             endpoints=MappingProxyType(endpoints),
             resources=MappingProxyType(resources),
-            grpc_services=MappingProxyType({k: tuple(sorted(v)) for k, v in by_grpc.items()}),
+            grpc_services=grpc_services,
             source=source,
+            routes=routes,
         )
         for subscriber in list(self._subscribers):
             try:

@@ -6,6 +6,11 @@
 The record vanishes on exit (lease revoked: watchers see it within a second), on SIGTERM,
 and, if the process dies, when the lease expires (TTL, default 10 s). With a health check
 the record is withdrawn while the server is not SERVING and comes back when it is.
+
+Leaving is a drain: the record is withdrawn first, then the registration waits
+`drain_delay` (default 2 s) before it returns — or, on SIGTERM, before the process ends —
+so calls that were already routed here (clients see the withdrawal within milliseconds,
+but a call may have picked this endpoint just before) still find the server serving.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 10
 MIN_TTL = 2
+#: After withdrawing, keep serving this long before stopping (calls already routed here land).
+DEFAULT_DRAIN_DELAY = 2.0
 
 
 class Registration:
@@ -63,6 +70,7 @@ class Registration:
         health_service: str = "",
         health_interval: float = 2.0,
         handle_sigterm: bool = True,
+        drain_delay: float = DEFAULT_DRAIN_DELAY,
     ) -> None:
         parse_address(address)
         check_service_name(service)
@@ -72,6 +80,9 @@ class Registration:
             raise InvalidArgument(f"weight must be >= 0, got {weight}")
         if health_interval <= 0:
             raise InvalidArgument("health interval must be positive")
+        if drain_delay < 0:
+            raise InvalidArgument(f"drain delay must be >= 0 seconds, got {drain_delay}")
+        self.drain_delay = drain_delay
         self.address = address
         self.service = service
         self.labels = check_labels(labels or {})
@@ -111,7 +122,7 @@ class Registration:
             if self._handle_sigterm:
                 _SigtermWithdraw.add(self)
         except BaseException:
-            await self._close()
+            await self._close(drain=False)
             raise
         return self
 
@@ -193,8 +204,9 @@ class Registration:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def deregister(self) -> None:
-        """Withdraw now by revoking the lease (idempotent)."""
+    async def deregister(self, *, drain: bool = True) -> None:
+        """Withdraw now by revoking the lease, then (with `drain`) wait the drain delay while the
+        server keeps serving the calls already routed here (idempotent)."""
         if self._closed:
             return
         self._closed = True
@@ -204,11 +216,15 @@ class Registration:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        published = self.published
         if self._leased is not None:
             await self._leased.close()
+        if drain and published and self.drain_delay > 0:
+            log.info("withdrew %s of %s; serving %.1fs more", self.address, self.service, self.drain_delay)
+            await asyncio.sleep(self.drain_delay)
 
-    async def _close(self) -> None:
-        await self.deregister()
+    async def _close(self, *, drain: bool = True) -> None:
+        await self.deregister(drain=drain)
         if self._owns_store and self._store is not None:
             await self._store.close()
             self._store = None
@@ -222,7 +238,8 @@ def register(address: str, *, service: str, **options: Any) -> Registration:
     `GMESH_ETCD` or the embedded etcd), `prefix` (mesh key prefix), `health_check` (poll
     `grpc.health.v1` and withdraw while not SERVING), `health_service`, `health_interval`,
     `handle_sigterm` (default True: on SIGTERM, withdraw first, then terminate as before —
-    only when the process has no SIGTERM handler of its own).
+    only when the process has no SIGTERM handler of its own), `drain_delay` (seconds to keep
+    serving after withdrawing, before the block ends or SIGTERM ends the process; default 2).
     """
     return Registration(address, service=service, **options)
 
@@ -257,9 +274,11 @@ class _SigtermWithdraw:
         loop = asyncio.get_running_loop()
 
         async def withdraw_all_then_die() -> None:
+            registrations = list(cls.active)
+            drain = max((r.drain_delay for r in registrations), default=0.0)
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(3.0):
-                    await asyncio.gather(*(r.deregister() for r in list(cls.active)))
+                async with asyncio.timeout(3.0 + drain):
+                    await asyncio.gather(*(r.deregister() for r in registrations))
             loop.remove_signal_handler(signal.SIGTERM)
             cls.installed_on = None
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -1,12 +1,13 @@
 """Built-in plugin: the RETRY phase — retries of uncommitted attempts, per-try timeouts, a retry budget.
 
 The matched route rule (`call.route`) carries the policy. An attempt is retried only when
-the front door can replay the request (`call.replayable`: unary calls, and proxied streams
-whose requests so far fit the replay buffer), nothing of the response has
-reached the caller (`call.committed`), its status is one the policy names (or its per-try
-timeout ran out while the call's own deadline had not), the service's retry budget has
-room, and the backoff still ends before the caller's deadline. Each retry prefers an
-endpoint no earlier attempt used.
+the front door can replay the request (`call.replayable`: unary calls, and streams whose
+requests so far fit the replay buffer), nothing of the response has reached the caller
+(`call.committed`), its status is one the policy names (or its per-try timeout ran out
+while the call's own deadline had not), the service's retry budget has room (and the
+breaker's `maxRetries`), and the backoff still ends before the caller's deadline. Each
+retry prefers an endpoint no earlier attempt used. A deliberate end (a stream's max age)
+is never retried. The budget is the mesh's, per service (`MeshState.budget`).
 """
 
 from __future__ import annotations
@@ -16,36 +17,18 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import grpc.aio
 
+from gmesh.balancer.breaker import BreakerState
 from gmesh.chain.call import Call
-from gmesh.chain.filter import Filter, FilterFactory, Handler, Phase
-from gmesh.errors import CallError
+from gmesh.chain.filter import BuildContext, Filter, FilterFactory, Handler, Phase
+from gmesh.errors import CallError, Origin, outcome_of
 from gmesh.hookspecs import hookimpl
-from gmesh.routing.retry import RetryBudget, backoff
+from gmesh.routing.retry import RetryBudget, RetryStats, backoff
 
 if TYPE_CHECKING:
-    from gmesh.discovery.catalog import MeshSnapshot
-    from gmesh.plugins.router import CompiledRetry
+    from gmesh.routing.table import CompiledRetry
 
 _DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-def status_of(exc: BaseException) -> grpc.StatusCode | None:
-    """The gRPC status an attempt failed with (None: not a call failure)."""
-    if isinstance(exc, CallError):
-        return exc.status
-    if isinstance(exc, grpc.aio.AioRpcError):
-        code: grpc.StatusCode = exc.code()
-        return code
-    return None
-
-
-def endpoint_failed(exc: BaseException, failures: frozenset[grpc.StatusCode]) -> bool:
-    """Whether `exc` counts against the endpoint that served the attempt."""
-    if isinstance(exc, CallError):
-        return exc.endpoint_fault and exc.status in failures
-    return status_of(exc) in failures
 
 
 class Retry:
@@ -54,7 +37,11 @@ class Retry:
     __slots__ = ("breaker", "budget", "max_retries", "stats")
 
     def __init__(
-        self, budget: RetryBudget, stats: RetryStats, breaker: Any = None, max_retries: int | None = None
+        self,
+        budget: RetryBudget,
+        stats: RetryStats,
+        breaker: BreakerState | None = None,
+        max_retries: int | None = None,
     ) -> None:
         self.budget = budget
         self.stats = stats
@@ -62,7 +49,7 @@ class Retry:
         self.breaker = breaker
         self.max_retries = max_retries
 
-    async def __call__(self, call: Call, next: Handler) -> Any:
+    async def __call__(self, call: Call[Any], next: Handler, /) -> Any:
         self.budget.record_request()
         rule = call.route
         policy: CompiledRetry | None = rule.retry if rule is not None else None
@@ -86,31 +73,21 @@ class Retry:
                         breaker.retries -= 1
                 return await next(call)
             except Exception as exc:
-                code = status_of(exc)
-                if code is None or call.committed or not call.replayable or attempt >= policy.attempts:
-                    raise
-                now = time.monotonic()
-                try_expired = (
-                    code is _DEADLINE and per_try is not None and (deadline is None or now < deadline - 0.001)
-                )
-                if code not in policy.on and not try_expired:
+                if not self._again(call, exc, policy, attempt, deadline):
                     raise
                 pause = backoff(attempt, policy.backoff_base, policy.backoff_max)
-                if deadline is not None and now + pause >= deadline:
+                if deadline is not None and time.monotonic() + pause >= deadline:
                     raise
                 if (
                     breaker is not None
                     and self.max_retries is not None
                     and breaker.retries >= self.max_retries
-                ):
-                    self.stats.denied += 1
-                    raise
-                if not self.budget.try_retry():
+                ) or not self.budget.try_retry():
                     self.stats.denied += 1
                     raise
                 self.stats.retries += 1
                 if pause > 0:
-                    await asyncio.sleep(pause)
+                    await asyncio.sleep(pause)  # a cancelled call stops waiting here
                 if call.endpoint is not None:
                     if call.tried is None:
                         call.tried = set()
@@ -120,51 +97,40 @@ class Retry:
             finally:
                 call.deadline = deadline
 
-
-class RetryStats:
-    """Retries made and retries the budget refused, per service (kept across config changes)."""
-
-    __slots__ = ("denied", "retries")
-
-    def __init__(self) -> None:
-        self.retries = 0
-        self.denied = 0
+    @staticmethod
+    def _again(
+        call: Call[Any], exc: Exception, policy: CompiledRetry, attempt: int, deadline: float | None
+    ) -> bool:
+        """Whether the failed attempt may be tried again (the budget aside)."""
+        if call.committed or not call.replayable or attempt >= policy.attempts:
+            return False
+        if isinstance(exc, CallError) and exc.origin == Origin.DELIBERATE:
+            return False
+        code = outcome_of(exc).code
+        if code in policy.on:
+            return True
+        # Its per-try timeout ran out while the call's own deadline had not: try again.
+        return (
+            code is _DEADLINE
+            and policy.per_try_timeout is not None
+            and (deadline is None or time.monotonic() < deadline - 0.001)
+        )
 
 
 class RetryFactory:
-    """One Retry filter per service with a Route; the budget outlives config changes."""
+    """One Retry filter per service whose Route has a retry policy; the budget is the mesh's."""
 
     name = "retry"
     phase = Phase.RETRY
 
-    def __init__(self) -> None:
-        self.budgets: dict[str, tuple[RetryBudget, RetryStats]] = {}
-
-    def build(self, service: str, snapshot: MeshSnapshot) -> Filter | None:
-        from gmesh.plugins.router import route_of
-
-        route = route_of(service, snapshot)
-        if route is None or not any(r.retry is not None for r in getattr(route.spec, "rules", ())):
+    def build(self, ctx: BuildContext) -> Filter | None:
+        route = ctx.route
+        if route is None or not any(rule.retry is not None for rule in route.rules):
             return None
-        resource = snapshot.resource("Service", service)
-        spec = getattr(resource.spec, "retry_budget", None) if resource is not None else None
-        ratio, floor, window = (
-            (0.2, 10.0, 10.0) if spec is None else (spec.percent / 100, spec.min_per_second, spec.window)
-        )
-        budget, stats = self.budgets.get(service, (None, None))
-        if budget is None or (budget.ratio, budget.min_per_second, budget.window) != (
-            ratio,
-            floor,
-            int(window),
-        ):
-            budget, stats = RetryBudget(ratio, floor, window), stats or RetryStats()
-            self.budgets[service] = (budget, stats)
-        assert stats is not None
-        limits = getattr(resource.spec, "circuit_breaker", None) if resource is not None else None
+        budget, stats = ctx.mesh.budget(ctx.service, ctx.spec)
+        limits = ctx.spec.circuit_breaker if ctx.spec is not None else None
         if limits is not None and limits.max_retries is not None:
-            from gmesh.plugins.breaker import state_of
-
-            return Retry(budget, stats, state_of(service), limits.max_retries)
+            return Retry(budget, stats, ctx.mesh.breaker(ctx.service), limits.max_retries)
         return Retry(budget, stats)
 
 

@@ -13,8 +13,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gmesh.channel.outbound import Outbound
-from gmesh.plugins.breaker import STATES
+from gmesh.outbound.stack import Outbound
 from gmesh.proxy.server import bind
 from gmesh.v1 import admin_pb2, admin_pb2_grpc
 
@@ -23,17 +22,20 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 def config_dump(outbound: Outbound, proxy: dict[str, Any], only: str = "") -> dict[str, Any]:
     """What this proxy serves now: revision, connection to etcd, services, endpoints (with their
-    load, latency, health and ejection state here), breakers, chains."""
-    state = outbound.state
-    snapshot = state.snapshot
+    load, latency, health and ejection state here, for the services in use), breakers, chains,
+    and what the outbound stack holds (compiled services, services in use, connections)."""
+    snapshot = outbound.snapshot
+    mesh = outbound.mesh
     services = {}
+    now = time.monotonic()
     for name in snapshot.services():
         if only and name != only:
             continue
-        chain = state.chain(name)
-        now = time.monotonic()
-        breaker = STATES.get(name)
+        compiled = outbound.preview(name)
+        in_use = name in outbound.backends.active
+        breaker = mesh.breakers.get(name)
         services[name] = {
+            "inUse": in_use,
             "endpoints": [
                 {
                     "address": e.address,
@@ -41,20 +43,14 @@ def config_dump(outbound: Outbound, proxy: dict[str, Any], only: str = "") -> di
                     "weight": e.weight,
                     "zone": e.zone,
                     # what this process sees of it: load, latency, health, ejection
-                    "state": outbound.registry.get(name, e.address).describe(now),
+                    "state": mesh.states.get(name, e.address).describe(now) if in_use else None,
                 }
                 for e in snapshot.endpoints_of(name)
             ],
-            "breaker": None
-            if breaker is None
-            else {
-                "active": breaker.active,
-                "waiting": len(breaker.waiting),
-                "retries": breaker.retries,
-                "rejected": breaker.rejected,
-            },
+            "breaker": None if breaker is None else breaker.describe(),
             "grpcServices": sorted({g for e in snapshot.endpoints_of(name) for g in e.grpc_services}),
-            "chain": list(chain.filters) if chain else [],
+            "chain": list(compiled.chain.filters) if compiled else [],
+            "chainError": compiled.chain.error if compiled else None,
             "config": {
                 kind: resources[name].document()["spec"]
                 for kind, resources in snapshot.resources.items()
@@ -66,8 +62,8 @@ def config_dump(outbound: Outbound, proxy: dict[str, Any], only: str = "") -> di
         "source": snapshot.source,
         "connected": outbound.catalog.connected,
         "lastError": outbound.catalog.last_error,
-        "chainRevision": state.table.revision,
         "proxy": proxy,
+        "outbound": outbound.describe(),
         "services": services,
     }
 
@@ -83,9 +79,16 @@ class _Admin(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
 class AdminServer:
     """Health, reflection and config dump on their own port, apart from proxied traffic."""
 
-    def __init__(self, outbound: Outbound, listen: str, proxy_info: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        outbound: Outbound,
+        listen: str,
+        proxy_info: Callable[[], dict[str, Any]],
+        *,
+        reuse_port: bool = False,
+    ) -> None:
         self.outbound = outbound
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         admin_pb2_grpc.add_AdminServicer_to_server(

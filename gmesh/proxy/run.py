@@ -1,10 +1,22 @@
-"""Running `gmesh proxy`: catalog, outbound stack, inbound server, admin port, the proxy's own
-leased record, graceful drain, and `--workers N` processes sharing one port."""
+"""Running `gmesh proxy`: the outbound stack, inbound server, admin port, the proxy's own leased
+record, graceful drain, and `--workers N` processes sharing one port.
+
+Start-up serves as soon as the proxy can route: from etcd's snapshot, or — etcd not
+answering within a fraction of a second — from the snapshot persisted by its last run,
+while it keeps connecting to etcd in the background. Until it has either, its port is
+bound (a second proxy on it fails at once) but it accepts no call it could not route.
+
+Stop (SIGTERM) drains: NOT_SERVING on the admin port, the record withdrawn, then
+`drain_delay` of normal service (callers and load balancers notice it is leaving), then no
+new calls while calls in flight get `drain_timeout` to finish.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -12,22 +24,23 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from gmesh.channel.endpoint import EndpointPool
-from gmesh.channel.outbound import Outbound, OutboundState
-from gmesh.discovery.catalog import Catalog
+from gmesh.chain.replay import REPLAY_BUDGET
 from gmesh.discovery.keys import MeshKeys
 from gmesh.discovery.lease import LeasedKey
-from gmesh.errors import StoreUnavailable
-from gmesh.pluginmanager import Plugins
+from gmesh.errors import AddressInUse, StoreUnavailable
+from gmesh.outbound import stack
+from gmesh.outbound.pool import EndpointPool, Profile
+from gmesh.outbound.stack import Outbound
 from gmesh.proxy.admin import AdminServer
 from gmesh.proxy.server import ProxyServer
-from gmesh.store.etcd import EtcdConfig, Store
+from gmesh.store.etcd import EtcdConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +56,8 @@ class ProxySettings:
     etcd: EtcdConfig
     keys: MeshKeys
     drain_timeout: float = 30.0
+    #: on stop, how long the proxy keeps serving after leaving discovery and health
+    drain_delay: float = 2.0
     max_message_bytes: int = 4 * 1024 * 1024
     snapshot_file: Path | None = None
     worker: int = 0
@@ -53,6 +68,10 @@ class ProxySettings:
     zone: str = ""
     #: clients reconnect after this long (None: never), so connections rebalance over workers
     max_connection_age: float | None = None
+    #: a service with no calls for this long has its connections closed (None: the default)
+    idle_timeout: float | None = None
+    #: bytes all retried streams of the process may keep for replay (None: the default)
+    replay_budget: int | None = None
 
 
 class RunningProxy:
@@ -61,20 +80,25 @@ class RunningProxy:
     def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
         self.started_at = time.time()
-        self.store: Store
-        self.catalog: Catalog
         self.outbound: Outbound
+        self.pool: EndpointPool
         self.server: ProxyServer
         self.admin: AdminServer | None = None
         self.record: LeasedKey | None = None
-        self.id = f"{socket.gethostname()}:{settings.listen.rpartition(':')[2]}#{settings.worker}"
+        self.id = ""
+        self.serving = False
         self._record_task: asyncio.Task[None] | None = None
         self._record_dirty = asyncio.Event()
-        self._serving: asyncio.Task[None] | None = None
+        self._unlisten: Callable[[], None] | None = None
+        self._opening: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
         return self.server.address
+
+    @property
+    def catalog(self) -> Any:
+        return self.outbound.catalog
 
     def info(self) -> dict[str, Any]:
         return {
@@ -85,48 +109,67 @@ class RunningProxy:
             "pid": os.getpid(),
             "worker": self.settings.worker,
             "workers": self.settings.workers,
-            "revision": self.outbound.state.snapshot.revision,
-            "source": self.outbound.state.snapshot.source,
+            "revision": self.outbound.revision,
+            "source": self.outbound.snapshot.source,
+            "serving": self.serving,
             "startedAt": self.started_at,
         }
 
     async def start(self, *, wait_for_snapshot: float = 5.0) -> None:
         s = self.settings
-        plugins = Plugins.load()
-        self.store = await Store.connect(s.etcd)
-        self.catalog = Catalog(self.store, s.keys, plugins.config_kinds(), persist_path=s.snapshot_file)
-        pool = EndpointPool(max_message_bytes=s.max_message_bytes, drain_timeout=s.drain_timeout)
-        self.outbound = Outbound(self.catalog, plugins.filter_factories(), pool=pool)
-        self.server = ProxyServer(
-            self.outbound,
-            s.listen,
-            max_message_bytes=s.max_message_bytes,
-            caller_labels=s.caller_labels,
-            zone=s.zone,
-            max_connection_age=s.max_connection_age,
+        reuse = s.workers > 1
+        if not reuse:
+            check_free(s.listen)
+        if s.replay_budget is not None:
+            REPLAY_BUDGET.limit = s.replay_budget
+        self.outbound = await stack.acquire(
+            s.etcd,
+            s.keys,
+            persist_path=s.snapshot_file,
+            idle_timeout=s.idle_timeout,
+            drain_timeout=s.drain_timeout,
+            wait=wait_for_snapshot,
         )
-        if s.admin:
-            self.admin = AdminServer(self.outbound, s.admin, self.info)
-            await self.admin.start()
-        self.outbound.on_change(self._state_changed)
-        await self.catalog.start(wait=wait_for_snapshot)
-        await self.server.start()
-        if self.catalog.snapshot.source != "empty":
-            if self._serving is None:
-                self._serving = asyncio.get_running_loop().create_task(self._ready())
+        try:
+            self.pool = self.outbound.pool(Profile(max_message_bytes=s.max_message_bytes))
+            self.server = ProxyServer(
+                self.outbound,
+                self.pool,
+                s.listen,
+                max_message_bytes=s.max_message_bytes,
+                caller_labels=s.caller_labels,
+                zone=s.zone,
+                max_connection_age=s.max_connection_age,
+                reuse_port=reuse,
+            )
+            port = self.server.address.rpartition(":")[2]
+            self.id = f"{socket.gethostname()}:{port}#{s.worker}@{os.getpid()}"
+            if s.admin:
+                self.admin = AdminServer(self.outbound, s.admin, self.info, reuse_port=reuse)
+                await self.admin.start()
+        except BaseException:
+            await stack.release(self.outbound)
+            raise
+        self._unlisten = self.outbound.on_change(self._state_changed)
+        if self.outbound.snapshot.source != "empty":
+            await self._open()
         else:
             log.warning(
-                "no snapshot yet (etcd unreachable, nothing persisted): UNAVAILABLE until one arrives"
+                "no snapshot yet (etcd unreachable, nothing persisted): accepting no calls until one arrives"
             )
         self._record_task = asyncio.get_running_loop().create_task(self._keep_record())
 
-    def _state_changed(self, state: OutboundState) -> None:
+    def _state_changed(self, outbound: Outbound) -> None:
         self._record_dirty.set()
-        if self._serving is None and state.snapshot.source != "empty":
-            # the first snapshot (from etcd or the persisted file): health turns SERVING
-            self._serving = asyncio.get_running_loop().create_task(self._ready())
+        if not self.serving and self._opening is None and outbound.snapshot.source != "empty":
+            # the first snapshot (from etcd or the persisted file): start accepting calls
+            self._opening = asyncio.get_running_loop().create_task(self._open())
 
-    async def _ready(self) -> None:
+    async def _open(self) -> None:
+        """Accept calls (the port was bound at start) and turn health SERVING."""
+        await self.server.start()
+        self.serving = True
+        self._record_dirty.set()
         if self.admin is not None:
             await self.admin.set_serving(True)
 
@@ -135,7 +178,7 @@ class RunningProxy:
         key = self.settings.keys.proxy(self.id)
         while self.record is None:
             try:
-                record = LeasedKey(self.store, key, RECORD_TTL)
+                record = LeasedKey(self.outbound.store, key, RECORD_TTL)
                 await record.open()
                 self.record = record
             except StoreUnavailable as exc:
@@ -152,10 +195,12 @@ class RunningProxy:
             await self._record_dirty.wait()
             await asyncio.sleep(RECORD_MIN_INTERVAL)
 
-    async def stop(self, drain: float | None = None) -> None:
-        """Graceful drain: leave discovery and health first, stop accepting calls, let calls in
-        flight finish within `drain` seconds (default: the configured drain timeout), then cancel."""
+    async def stop(self, drain: float | None = None, *, delay: float | None = None) -> None:
+        """Graceful drain: leave discovery and health first, keep serving `delay` seconds (default:
+        the configured drain delay), then stop accepting calls and let calls in flight finish
+        within `drain` seconds (default: the configured drain timeout), then cancel them."""
         grace = self.settings.drain_timeout if drain is None else drain
+        pause = self.settings.drain_delay if delay is None else delay
         if self.admin is not None:
             await self.admin.set_serving(False)
         if self._record_task is not None:
@@ -164,12 +209,36 @@ class RunningProxy:
                 await self._record_task
         if self.record is not None:
             await self.record.close()
+        if self._unlisten is not None:
+            self._unlisten()
+        if self.serving and pause > 0:
+            await asyncio.sleep(pause)  # still serving: whoever routes here notices we left
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()
         await self.server.stop(grace)
         if self.admin is not None:
             await self.admin.stop()
-        await self.outbound.close(0)
-        await self.catalog.close()
-        await self.store.close()
+        await self.outbound.release_pool(self.pool, 0)
+        await stack.release(self.outbound)
+
+
+def check_free(listen: str) -> None:
+    """Fail with one clear line when `listen` is taken, before grpc tries (and logs its own)."""
+    host, _, port = listen.rpartition(":")
+    if port == "0":
+        return
+    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc's own sockets
+        try:
+            probe.bind((host.strip("[]"), int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(
+                    f"cannot listen on {listen}: the address is in use (another gmesh proxy, or another "
+                    "program); pick another --listen, or stop the other one"
+                ) from None
+            raise AddressInUse(f"cannot listen on {listen}: {exc.strerror}") from None
 
 
 async def serve(settings: ProxySettings, *, announce: Callable[[RunningProxy], None] | None = None) -> None:
@@ -183,13 +252,51 @@ async def serve(settings: ProxySettings, *, announce: Callable[[RunningProxy], N
     if announce is not None:
         announce(proxy)
     await stop.wait()
-    log.info("draining (up to %.0fs)", settings.drain_timeout)
+    log.info(
+        "leaving: %.1fs of service after withdrawing, then draining (up to %.0fs)",
+        settings.drain_delay,
+        settings.drain_timeout,
+    )
     await proxy.stop()
 
 
-def supervise(argv: Sequence[str], workers: int) -> int:
+def _lock_path(listen: str) -> Path:
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in listen)
+    return Path(tempfile.gettempdir()) / f"gmesh-proxy-{name}.lock"
+
+
+def hold_port(listen: str) -> IO[bytes]:
+    """`--workers`: make sure the port is free and stays ours. Workers share it with SO_REUSEPORT,
+    which any other process of the same user could join too: a lock held for as long as the
+    supervisor runs keeps a second `gmesh proxy --workers` off it, and a probe bind (with
+    SO_REUSEPORT, as the workers bind) fails on a port a single proxy or another program holds."""
+    lock = open(_lock_path(listen), "ab")  # noqa: SIM115 - held until the supervisor exits
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise AddressInUse(
+            f"cannot listen on {listen}: another `gmesh proxy --workers` already serves it"
+        ) from None
+    host, _, port = listen.rpartition(":")
+    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            probe.bind((host.strip("[]"), int(port)))
+        except OSError:
+            lock.close()
+            raise AddressInUse(
+                f"cannot listen on {listen}: the address is in use (another gmesh proxy, or another program)"
+            ) from None
+    return lock
+
+
+def supervise(argv: Sequence[str], workers: int, listen: str) -> int:
     """`--workers N`: run N copies of this proxy sharing the port (SO_REUSEPORT) and pass
     SIGTERM/SIGINT on to them. A worker that dies is started again."""
+    lock = hold_port(listen)
     procs: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 
@@ -208,6 +315,7 @@ def supervise(argv: Sequence[str], workers: int) -> int:
     signal.signal(signal.SIGINT, forward)
     for index in range(workers):
         launch(index)
+    failed = 0
     while procs:
         try:
             pid, status = os.wait()  # signals run `forward`, then the wait resumes
@@ -216,9 +324,12 @@ def supervise(argv: Sequence[str], workers: int) -> int:
         ended = next((i for i, p in procs.items() if p.pid == pid), None)
         if ended is None:
             continue
-        procs.pop(ended).returncode = os.waitstatus_to_exitcode(status)
+        code = os.waitstatus_to_exitcode(status)
+        procs.pop(ended).returncode = code
         if not stopping:
-            print(f"gmesh proxy: worker {ended} exited ({status}); starting it again", file=sys.stderr)
+            failed += 1
+            print(f"gmesh proxy: worker {ended} exited ({code}); starting it again", file=sys.stderr)
             time.sleep(1.0)
             launch(ended)
+    lock.close()
     return 0

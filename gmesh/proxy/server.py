@@ -9,30 +9,53 @@ Destination of a call, in order:
 grpc/grpc#38906. It slots in here when it does.)
 
 Not found: UNIMPLEMENTED naming the gRPC service; found but no endpoints: UNAVAILABLE.
+
+A method's handler is prepared once per snapshot and kept only when the destination's
+endpoints report that method (reflection): method names a caller makes up get a handler
+of their own that is dropped after the call, so they can never grow the proxy's memory.
+grpc's own wait_for_ready never leaves the client; a caller that would rather wait for an
+endpoint of a service that has none sends `x-gmesh-wait-for-ready: 1`.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
 from gmesh.chain.call import Call, Caller
-from gmesh.channel.outbound import Outbound, OutboundState
 from gmesh.discovery.endpoint import MethodKind
-from gmesh.errors import CallError
-from gmesh.proxy.relay import forward_stream, forward_unary, forwardable, mirror_unary
+from gmesh.errors import AddressInUse, CallError
+from gmesh.proxy.relay import (
+    ProxyStream,
+    ProxyUnary,
+    forward_stream,
+    forward_unary,
+    forwardable,
+    mirror_unary,
+)
+
+if TYPE_CHECKING:
+    from gmesh.discovery.catalog import MeshSnapshot
+    from gmesh.outbound.pool import EndpointPool
+    from gmesh.outbound.stack import CompiledService, Outbound
 
 log = logging.getLogger(__name__)
 
 SERVICE_HEADER = "x-gmesh-service"
+WAIT_HEADER = "x-gmesh-wait-for-ready"
+#: Prepared handlers kept (methods the destinations' endpoints report; least recently used go).
+HANDLER_CACHE = 4096
 
 
-def server_options(max_message_bytes: int, max_connection_age: float | None = None) -> list[tuple[str, Any]]:
+def server_options(
+    max_message_bytes: int, max_connection_age: float | None = None, *, reuse_port: bool = False
+) -> list[tuple[str, Any]]:
     age = [] if max_connection_age is None else [
         # Clients reconnect (GOAWAY) after this long, so they spread again over proxy workers;
         # calls in flight get another 30 s to finish.
@@ -43,109 +66,140 @@ def server_options(max_message_bytes: int, max_connection_age: float | None = No
         *age,
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 1),  # --workers: several processes share the port
+        # grpc-core shares ports (SO_REUSEPORT) by default: two proxies on one port would both
+        # run and split the traffic. Only the workers of one `gmesh proxy --workers N` share.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
 
 
-class _Route:
-    """The prepared handler of one method for one outbound state."""
+class _Prepared:
+    """A method's handler for one snapshot."""
 
-    __slots__ = ("handler", "state")
+    __slots__ = ("handler", "snapshot")
 
-    def __init__(self, state: OutboundState, handler: grpc.RpcMethodHandler) -> None:
-        self.state = state
+    def __init__(self, snapshot: MeshSnapshot, handler: grpc.RpcMethodHandler) -> None:
+        self.snapshot = snapshot
         self.handler = handler
 
 
+def _refuse(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    async def refuse(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, details)
+
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
 class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """Resolves every incoming method to a prepared handler (cached per method and state)."""
+    """Resolves every incoming method to a prepared handler."""
 
     def __init__(
-        self, outbound: Outbound, caller_labels: dict[str, str] | None = None, zone: str = ""
+        self,
+        outbound: Outbound,
+        pool: EndpointPool,
+        caller_labels: dict[str, str] | None = None,
+        zone: str = "",
     ) -> None:
         self.outbound = outbound
+        self.pool = pool
         #: the workload behind this proxy, as route rules see the caller (identity comes with mTLS)
         self.caller_labels = caller_labels or {}
         #: the zone calls come from (zone-aware balancing prefers endpoints there)
         self.zone = zone
-        self._routes: dict[str, _Route] = {}
+        self._prepared: collections.OrderedDict[tuple[str, str | None], _Prepared] = collections.OrderedDict()
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method: str = handler_call_details.method
-        state = self.outbound.state
-        route = self._routes.get(method)
-        if route is not None and route.state is state:
-            return route.handler
-        grpc_service = method[1:].partition("/")[0]
-        services = state.snapshot.grpc_services.get(grpc_service, ())
-        default = services[0] if len(services) == 1 else None
-        ambiguous = services if len(services) > 1 else ()
-        kind = state.method_kinds.get(method)
-        handler = self._make(method, default, ambiguous, kind)
-        if services:  # never cache made-up method names: the cache would grow without bound
-            self._routes[method] = _Route(state, handler)
-        return handler
-
-    def _make(
-        self, method: str, default: str | None, ambiguous: tuple[str, ...], kind: MethodKind | None
-    ) -> grpc.RpcMethodHandler:
+        named: str | None = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == SERVICE_HEADER:
+                named = str(value)
+                break
         outbound = self.outbound
-        caller_labels, zone = self.caller_labels, self.zone
+        snapshot = outbound.snapshot
+        cache_key = (method, named)
+        prepared = self._prepared.get(cache_key)
+        if prepared is not None and prepared.snapshot is snapshot:
+            self._prepared.move_to_end(cache_key)
+            return prepared.handler
         grpc_service = method[1:].partition("/")[0]
-
-        def destination(metadata: Any) -> str:
-            for key, value in metadata:
-                if key == SERVICE_HEADER:
-                    return str(value)
-            if default is not None:
-                return default
-            if ambiguous:
-                raise CallError(
+        if named is not None:
+            destination = named
+        else:
+            services = snapshot.grpc_services.get(grpc_service, ())
+            if len(services) > 1:
+                return _refuse(
                     grpc.StatusCode.UNAVAILABLE,
                     f"gmesh: gRPC service {grpc_service!r} is served by mesh services "
-                    f"{', '.join(ambiguous)}; say which with the {SERVICE_HEADER} header",
+                    f"{', '.join(services)}; say which with the {SERVICE_HEADER} header",
                 )
-            raise CallError(
-                grpc.StatusCode.UNIMPLEMENTED, f"gmesh: no mesh service serves gRPC service {grpc_service!r}"
-            )
+            if not services:
+                return _refuse(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"gmesh: no mesh service serves gRPC service {grpc_service!r}",
+                )
+            destination = services[0]
+        compiled = outbound.compiled(destination)
+        if compiled is None:
+            return _refuse(grpc.StatusCode.UNAVAILABLE, f"gmesh: no mesh service {destination!r}")
+        kind = compiled.methods.get(method)
+        handler = self._make(method, destination, kind)
+        if kind is not None:  # a method its endpoints report: keep it (bounded, LRU)
+            self._prepared[cache_key] = _Prepared(snapshot, handler)
+            self._prepared.move_to_end(cache_key)
+            if len(self._prepared) > HANDLER_CACHE:
+                self._prepared.popitem(last=False)
+        return handler
 
-        unary = kind is MethodKind.UNARY
+    def cached(self) -> int:
+        return len(self._prepared)
 
-        def prepare(context: grpc.aio.ServicerContext, forward: Callable[[Call], Any], payload: Any) -> Any:
-            metadata = context.invocation_metadata() or ()
-            service = destination(metadata)
-            chain = outbound.state.chain(service)
-            if chain is None:
+    def _make(self, method: str, service: str, kind: MethodKind | None) -> grpc.RpcMethodHandler:
+        outbound = self.outbound
+        pool = self.pool
+        caller_labels, zone = self.caller_labels, self.zone
+        known = kind is not None
+
+        def prepare(
+            context: grpc.aio.ServicerContext, forward: Callable[[Call[Any]], Any], downstream: Any
+        ) -> tuple[CompiledService, Call[Any]]:
+            compiled = outbound.services.get(service) or outbound.compiled(service)
+            if compiled is None:
                 raise CallError(grpc.StatusCode.UNAVAILABLE, f"gmesh: no mesh service {service!r}")
+            metadata = context.invocation_metadata() or ()
             remaining = context.time_remaining()
-            timeout = _default_timeout(outbound.state, service) if remaining is None else remaining
-            call = Call(
+            timeout = compiled.timeout if remaining is None else remaining
+            wait = False
+            for key, _ in metadata:
+                if key == WAIT_HEADER:
+                    wait = True
+                    break
+            call: Call[Any] = Call(
                 method,
                 forwardable(metadata),
                 None if timeout is None else time.monotonic() + timeout,
                 service,
                 forward,
+                downstream,
                 kind=kind,
                 caller=Caller(peer=context.peer(), labels=caller_labels, zone=zone),
-                downstream=(
-                    (context, payload, outbound.pool)
-                    if unary
-                    else (context, payload, outbound.pool, _max_stream_age(outbound.state, service))
-                ),
-                down=outbound.pool.down,
+                down=pool.down,
                 replayable=True,  # unary: the request is in hand; streams: RequestTape
-                mirror=mirror_unary if unary else None,
+                mirror=mirror_unary if kind is MethodKind.UNARY else None,
+                wait_for_ready=wait,
             )
-            return chain.handler(call)
+            return compiled, call
 
-        if unary:
+        if kind is MethodKind.UNARY:
 
             async def unary_handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
                 try:
-                    result: bytes = await prepare(context, forward_unary, request)
+                    compiled, call = prepare(
+                        context, forward_unary, ProxyUnary(context, request, pool, known)
+                    )
+                    result: bytes = await compiled.chain.handler(call)
                     return result
                 except CallError as exc:
                     await context.abort(exc.status, exc.details, exc.trailing_metadata)
@@ -155,29 +209,31 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         async def stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
             try:
-                await prepare(context, forward_stream, requests)
+                compiled = outbound.services.get(service) or outbound.compiled(service)
+                age = compiled.max_stream_age if compiled is not None else None
+                compiled, call = prepare(
+                    context, forward_stream, ProxyStream(context, requests, pool, known, age)
+                )
+                await compiled.chain.handler(call)
             except CallError as exc:
                 await context.abort(exc.status, exc.details, exc.trailing_metadata)
 
         return grpc.stream_stream_rpc_method_handler(stream)
 
 
-_NO_DEFAULTS: tuple[float | None, float | None] = (None, None)
-
-
-def _max_stream_age(state: OutboundState, service: str) -> float | None:
-    return state.defaults.get(service, _NO_DEFAULTS)[1]
-
-
-def _default_timeout(state: OutboundState, service: str) -> float | None:
-    return state.defaults.get(service, _NO_DEFAULTS)[0]
-
-
 def bind(server: grpc.aio.Server, listen: str) -> str:
-    """Listen on HOST:PORT (port 0 = any free one); the address actually bound."""
-    port = server.add_insecure_port(listen)
+    """Listen on HOST:PORT (port 0 = any free one); the address actually bound. A port in use
+    (or any other failure to listen) raises `AddressInUse` with one clear line."""
+    why = (
+        f"cannot listen on {listen}: the address is in use (another gmesh proxy, or another "
+        "program) or not available here"
+    )
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as exc:  # grpcio >= 1.6x: "Failed to bind to address ..."
+        raise AddressInUse(why) from exc
     if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+        raise AddressInUse(why)
     return f"{listen.rpartition(':')[0]}:{port}"
 
 
@@ -187,17 +243,22 @@ class ProxyServer:
     def __init__(
         self,
         outbound: Outbound,
+        pool: EndpointPool,
         listen: str,
         *,
         max_message_bytes: int,
         caller_labels: dict[str, str] | None = None,
         zone: str = "",
         max_connection_age: float | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.outbound = outbound
         self.listen = listen
-        self.server = grpc.aio.server(options=server_options(max_message_bytes, max_connection_age))
-        self.server.add_generic_rpc_handlers([Inbound(outbound, caller_labels or {}, zone)])
+        self.server = grpc.aio.server(
+            options=server_options(max_message_bytes, max_connection_age, reuse_port=reuse_port)
+        )
+        self.inbound = Inbound(outbound, pool, caller_labels or {}, zone)
+        self.server.add_generic_rpc_handlers([self.inbound])
         self.address = bind(self.server, listen)
 
     async def start(self) -> None:

@@ -19,7 +19,7 @@ from gmesh.config.types import format_duration
 from gmesh.config.validate import parse_stored
 from gmesh.discovery.keys import MeshKeys
 from gmesh.errors import Conflict, InvalidArgument, NotFound
-from gmesh.plugins.stats import Sample, delta, read_stats, read_stats_at
+from gmesh.stats.backend import Sample, delta, read_stats, read_stats_at
 from gmesh.store.etcd import Compare, Put, Store
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from gmesh.chain.metadata import metadata_value
+
+__all__ = ["absent", "exact", "metadata_value", "prefix", "present", "regex", "regex_problem"]
+
 StringPredicate = Callable[[str | None], bool]
 
 
@@ -39,12 +43,4 @@ def regex_problem(pattern: str) -> str | None:
         re.compile(pattern)
     except re.error as exc:
         return f"invalid regex {pattern!r}: {exc}"
-    return None
-
-
-def metadata_value(metadata: tuple[tuple[str, str | bytes], ...], key: str) -> str | None:
-    """The first value of `key` (lowercase) in request metadata, or None; `-bin` values as latin-1."""
-    for k, v in metadata:
-        if k == key:
-            return v if isinstance(v, str) else v.decode("latin-1")
     return None

@@ -70,3 +70,13 @@ def backoff(attempt: int, base: float, cap: float, rand: Callable[[], float] = r
     """Seconds to wait before retry number `attempt` (1 = first retry): full jitter in
     [0, min(cap, base x 2^(attempt-1))), as AWS's and gRPC's retry designs recommend."""
     return float(rand() * min(cap, base * (2 ** (attempt - 1))))
+
+
+class RetryStats:
+    """Retries made and retries the budget (or the breaker's maxRetries) refused, per service."""
+
+    __slots__ = ("denied", "retries")
+
+    def __init__(self) -> None:
+        self.retries = 0
+        self.denied = 0

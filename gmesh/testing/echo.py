@@ -210,6 +210,9 @@ async def _main(argv: list[str]) -> None:
     parser.add_argument("--service", help="also register in the mesh as this service (needs etcd)")
     parser.add_argument("--label", action="append", default=[], help="KEY=VALUE label when registering")
     parser.add_argument("--ttl", type=int, default=10, help="registration lease TTL in seconds")
+    parser.add_argument(
+        "--drain-delay", type=float, default=2.0, help="seconds to serve on after withdrawing (SIGTERM)"
+    )
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     server = await start_echo_server(args.name, host=host, port=int(port))
@@ -221,7 +224,13 @@ async def _main(argv: list[str]) -> None:
 
             labels = dict(parse_label(text) for text in args.label)
             await stack.enter_async_context(
-                register(server.address, service=args.service, labels=labels, ttl=args.ttl)
+                register(
+                    server.address,
+                    service=args.service,
+                    labels=labels,
+                    ttl=args.ttl,
+                    drain_delay=args.drain_delay,
+                )
             )
             print(f"registered {args.service} {server.address} at {time.time():.3f}", flush=True)
         await server.server.wait_for_termination()

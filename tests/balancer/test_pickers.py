@@ -13,14 +13,15 @@ import pytest
 from gmesh.balancer import (
     HASHING,
     POLICIES,
+    ConsistentHash,
     LeastRequest,
-    Maglev,
+    MaglevTable,
     NoEndpoints,
     PeakEwma,
     Picker,
     PickFirst,
     Random,
-    RingHash,
+    RingTable,
     RoundRobin,
     ZoneAware,
     hash64,
@@ -33,13 +34,13 @@ from gmesh.discovery.endpoint import Endpoint
 KEY = "x-user-id"
 
 
-async def _noop(call: Call) -> None:
+async def _noop(call: Call[None]) -> None:
     return None
 
 
 def call(
     metadata: tuple[tuple[str, str | bytes], ...] = (), *, zone: str = "", down: Sequence[str] = ()
-) -> Call:
+) -> Call[None]:
     return Call("/a.B/C", metadata, None, "s", _noop, caller=Caller(zone=zone), down=frozenset(down))
 
 
@@ -57,7 +58,7 @@ def states_of(endpoints: Sequence[Endpoint]) -> list[EndpointState]:
     return [EndpointState("s", e.address) for e in endpoints]
 
 
-def count(picker: Picker, n: int, c: Call = CALL) -> collections.Counter[str]:
+def count(picker: Picker, n: int, c: Call[None] = CALL) -> collections.Counter[str]:
     out: collections.Counter[str] = collections.Counter()
     for _ in range(n):
         ep = picker.pick(c)
@@ -66,7 +67,7 @@ def count(picker: Picker, n: int, c: Call = CALL) -> collections.Counter[str]:
     return out
 
 
-def owners(picker: Picker, calls: Sequence[Call] = KEYED) -> list[str]:
+def owners(picker: Picker, calls: Sequence[Call[None]] = KEYED) -> list[str]:
     out = []
     for c in calls:
         ep = picker.pick(c)
@@ -248,9 +249,12 @@ def test_peak_ewma_weighs_calls_in_flight_against_latency() -> None:
 # --------------------------------------------------------------------------- ring hash, maglev
 
 
-def hashing(policy: str, endpoints: Sequence[Endpoint]) -> Picker:
-    picker = make_picker(policy, endpoints, states_of(endpoints), KEY)
-    assert isinstance(picker, RingHash if policy == "ring_hash" else Maglev)
+def hashing(
+    policy: str, endpoints: Sequence[Endpoint], usable: Sequence[bool] | None = None
+) -> ConsistentHash:
+    picker = make_picker(policy, endpoints, states_of(endpoints), KEY, usable=usable)
+    assert isinstance(picker, ConsistentHash)
+    assert isinstance(picker.table, RingTable if policy == "ring_hash" else MaglevTable)
     return picker
 
 
@@ -318,10 +322,12 @@ def test_adding_one_endpoint_to_n_moves_about_one_key_in_n_plus_one(policy: str,
 def test_ring_hash_wraps_around_past_the_last_point() -> None:
     endpoints = eps(10)
     picker = hashing("ring_hash", endpoints)
-    assert isinstance(picker, RingHash)
-    assert len(picker.points) == 100 * len(endpoints)
-    last = max(picker.points)
-    first_owner = picker.owners[picker.points.index(min(picker.points))]
+    ring = picker.table
+    assert isinstance(ring, RingTable)
+    assert len(ring.points) == 100 * len(endpoints)
+    assert list(ring.points) == sorted(ring.points)
+    last = max(ring.points)
+    first_owner = picker.endpoints[ring.owners[list(ring.points).index(min(ring.points))]]
     past = [c for c in KEYED if hash64(c.metadata[0][1]) > last]  # type: ignore[arg-type]
     assert past  # ~1 key in 1000 lands there
     assert set(owners(picker, past)) == {first_owner.address}
@@ -364,6 +370,62 @@ def test_a_call_without_the_key_still_gets_an_endpoint(policy: str) -> None:
     assert picked <= {e.address for e in endpoints}
 
 
+def test_a_big_ring_keeps_at_most_its_point_budget() -> None:
+    ring = RingTable([f"10.{i // 250}.{i % 250}.1:80" for i in range(5000)], [1] * 5000)
+    assert ring.size == 100_000  # 20 points each instead of 100: ~1 MB, not 5
+    assert list(ring.points) == sorted(ring.points)
+
+
+@pytest.mark.parametrize("policy", sorted(HASHING))
+def test_a_key_whose_endpoint_is_out_walks_to_the_same_next_one(policy: str) -> None:
+    endpoints = eps(10)
+    picker = hashing(policy, endpoints)
+    sample = KEYED[:2000]
+    before = owners(picker, sample)
+    gone = before[0]
+    flags = [e.address != gone for e in endpoints]
+    out = hashing(policy, endpoints, flags)
+    after = owners(out, sample)
+    assert all(b == a for a, b in zip(before, after, strict=True) if a != gone)  # nobody else moved
+    moved = [b for a, b in zip(before, after, strict=True) if a == gone]
+    assert moved and gone not in moved
+    assert owners(out, sample) == after  # deterministic: the same next endpoint every time
+    assert len(set(moved)) >= 3  # its keys spread over several others, not all onto one
+
+
+@pytest.mark.parametrize("policy", sorted(HASHING))
+def test_pick_other_walks_past_what_the_balancer_cannot_use(policy: str) -> None:
+    endpoints = eps(10)
+    picker = hashing(policy, endpoints)
+    c = KEYED[42]
+    first = picker.pick(c)
+    assert first is not None
+    second = picker.pick_other(c, lambda e: e != first)
+    assert second is not None and second != first
+    assert picker.pick_other(c, lambda e: e != first) == second  # the same next one each time
+    third = picker.pick_other(c, lambda e: e not in (first, second))
+    assert third not in (None, first, second)
+    assert picker.pick_other(c, lambda e: False) is None  # nothing acceptable: say so
+    # without the key: any acceptable endpoint
+    assert picker.pick_other(CALL, lambda e: e == endpoints[3]) == endpoints[3]
+
+
+def test_pick_first_falls_over_in_address_order() -> None:
+    a, b, c = eps(3)
+    picker = PickFirst([c, b, a])
+    assert picker.pick_other(CALL, lambda e: e != a) == b
+    assert picker.pick_other(CALL, lambda e: e not in (a, b)) == c
+    assert picker.pick_other(CALL, lambda e: False) is None
+
+
+def test_repicking_pickers_find_the_one_acceptable_endpoint() -> None:
+    endpoints = eps(5)
+    for policy in ("round_robin", "weighted_round_robin", "least_request", "peak_ewma", "random"):
+        picker = make_picker(policy, endpoints, states_of(endpoints))
+        assert picker.pick_other(CALL, lambda e: e == endpoints[4]) == endpoints[4], policy
+        assert picker.pick_other(CALL, lambda e: False) is None, policy
+
+
 def test_ring_hash_gives_heavier_endpoints_more_keys() -> None:
     endpoints = eps(3, weights=[1, 1, 2])
     counts = collections.Counter(owners(hashing("ring_hash", endpoints)))
@@ -379,8 +441,11 @@ class Fixed:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
 
-    def pick(self, call: Call) -> Endpoint | None:
+    def pick(self, call: Call[None]) -> Endpoint | None:
         return self.endpoint
+
+    def pick_other(self, call: Call[None], ok: object) -> Endpoint | None:
+        return None
 
 
 def test_zone_aware_keeps_calls_in_the_callers_zone() -> None:

@@ -12,10 +12,13 @@ HOT = sorted(
     [
         *(GMESH / "chain").glob("*.py"),
         *(GMESH / "balancer").glob("*.py"),
-        *(p for p in (GMESH / "channel").glob("*.py") if p.name != "runtime.py"),  # start-up only
+        *(GMESH / "channel").glob("*.py"),
+        *(p for p in (GMESH / "outbound").glob("*.py") if p.name != "stack.py"),  # stack: start-up
         GMESH / "proxy" / "relay.py",
         GMESH / "proxy" / "server.py",
         *(GMESH / "routing").glob("*.py"),
+        GMESH / "errors.py",
+        *(GMESH / "stats").glob("*.py"),
         GMESH / "plugins" / "balancer.py",
         GMESH / "plugins" / "router.py",
         GMESH / "plugins" / "retry.py",

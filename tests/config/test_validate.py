@@ -7,10 +7,10 @@ import pytest
 
 from gmesh.config.kinds import ConfigView, Kind, KindRegistry, Resource, Source
 from gmesh.config.loader import load_text
+from gmesh.config.service import SERVICE, ServiceSpec
 from gmesh.config.types import Name, SpecModel
 from gmesh.config.validate import parse_stored, validate_documents
 from gmesh.errors import ConfigError, Problem
-from gmesh.plugins.service import SERVICE, ServiceSpec
 
 
 class RouteSpec(SpecModel):

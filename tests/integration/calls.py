@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from gmesh.channel.status import StatusWatch
+from gmesh.outbound.upstream import StatusWatch
 from gmesh.v1 import echo_pb2, echo_pb2_grpc
 
 H = echo_pb2.Header
@@ -49,7 +49,7 @@ async def outcome(kind: str, stub: echo_pb2_grpc.EchoStub, **kw: Any) -> dict[st
         call = stub.Bidi(reqs(3, **kw), metadata=REQUEST_MD, timeout=10)
     # A plain grpc.aio client (the direct baseline too) may report its own synthetic INTERNAL
     # when one of its request writes races the server's end; StatusWatch waits for the real one.
-    watch = StatusWatch(call)
+    watch = StatusWatch(call, own_writes=False)  # grpc.aio writes the request iterator itself
     initial = await call.initial_metadata()  # must arrive before any message
     messages: list[Any] = []
     code, details = grpc.StatusCode.OK, ""
@@ -89,7 +89,7 @@ async def call_unimplemented(channel: grpc.aio.Channel, kind: str) -> grpc.Statu
         return grpc.StatusCode.OK
     if kind == "server_stream":
         call: Any = channel.unary_stream(method)(b"x", timeout=10)
-        watch = StatusWatch(call)
+        watch = StatusWatch(call, own_writes=False)
     else:
         call = (channel.stream_unary if kind == "client_stream" else channel.stream_stream)(method)(
             timeout=10

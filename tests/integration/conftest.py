@@ -44,7 +44,12 @@ async def upstream(store: Store, mesh_keys: MeshKeys) -> AsyncIterator[EchoServe
     """An Echo server registered as mesh service `echo` (reflection on: method kinds known)."""
     server = await start_echo_server("up1", options=BIG_OPTIONS)
     async with gmesh.register(
-        server.address, service="echo", store=store, prefix=mesh_keys.prefix, handle_sigterm=False
+        server.address,
+        service="echo",
+        store=store,
+        prefix=mesh_keys.prefix,
+        handle_sigterm=False,
+        drain_delay=0,
     ):
         yield server
     await server.stop(None)
@@ -57,6 +62,7 @@ async def start_proxy(etcd: EtcdMember, keys: MeshKeys, tmp_path: Path, **overri
         "etcd": EtcdConfig.parse(etcd.url),
         "keys": keys,
         "drain_timeout": 2.0,
+        "drain_delay": 0.0,
         "max_message_bytes": BIG,
         "snapshot_file": tmp_path / "proxy-snapshot.json",
     }
@@ -132,6 +138,7 @@ async def mesh(store: Store, mesh_keys: MeshKeys) -> AsyncIterator[Mesh]:
             store=store,
             prefix=mesh_keys.prefix,
             handle_sigterm=False,
+            drain_delay=0,
         )
         await reg.__aenter__()
         registrations.append(reg)
@@ -160,7 +167,7 @@ async def door(
         await proxy.stop(0)
     else:
         async with gmesh.aio.channel("gmesh:///orders", etcd=etcd_server.url, prefix=mesh_keys.prefix) as ch:
-            outbound = await ch.outbound()
+            outbound = await ch.ready_outbound()
             await outbound.catalog.wait_for(lambda s: len(s.endpoints_of("orders")) == 3, timeout=5)
 
             async def wait_channel(revision: int) -> None:

@@ -131,7 +131,7 @@ async def open_door(
         mesh = await stack.enter_async_context(
             gmesh.aio.channel("gmesh:///echo", etcd=etcd.url, prefix=keys.prefix)
         )
-        channel, catalog = mesh, (await mesh.outbound()).catalog
+        channel, catalog = mesh, (await mesh.ready_outbound()).catalog
     await catalog.wait_for(lambda s: len(s.endpoints_of("echo")) == endpoints, timeout=5)
     return channel, catalog
 
@@ -170,7 +170,12 @@ async def test_graceful_removal_under_load_fails_no_call(
         regs = [
             await stack.enter_async_context(
                 gmesh.register(
-                    s.address, service="echo", store=store, prefix=mesh_keys.prefix, handle_sigterm=False
+                    s.address,
+                    service="echo",
+                    store=store,
+                    prefix=mesh_keys.prefix,
+                    handle_sigterm=False,
+                    drain_delay=0,
                 )
             )
             for s in servers

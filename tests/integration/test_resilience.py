@@ -22,8 +22,8 @@ from conftest import start_proxy, until
 
 import gmesh
 import gmesh.aio
-from gmesh.balancer.state import REGISTRY
 from gmesh.discovery.keys import MeshKeys
+from gmesh.outbound import stack
 from gmesh.store.etcd import Store
 from gmesh.testing.echo import EchoServer, start_echo_server
 from gmesh.testing.etcd import EtcdMember
@@ -45,7 +45,7 @@ class Fleet:
         server = await start_echo_server(name)
         reg = gmesh.register(
             server.address, service="svc", labels=labels or {}, store=self.store, prefix=self.keys.prefix,
-            handle_sigterm=False, **options,
+            handle_sigterm=False, drain_delay=0, **options,
         )  # fmt: skip
         await reg.__aenter__()
         self.servers[name] = server
@@ -92,7 +92,7 @@ async def door(
             await proxy.stop(0)
     else:
         async with gmesh.aio.channel("gmesh:///svc", etcd=etcd.url, prefix=keys.prefix, **caller) as ch:
-            await (await ch.outbound()).catalog.wait_for(ready, timeout=5)
+            await (await ch.ready_outbound()).catalog.wait_for(ready, timeout=5)
             yield echo_pb2_grpc.EchoStub(ch)
 
 
@@ -200,7 +200,8 @@ async def test_failing_endpoint_is_ejected_then_probed_back(
         assert served["UNAVAILABLE"] == 5, served  # exactly the 5 that trip the detector
         ejected_at = bad.calls["Unary"]
         started = time.monotonic()
-        back_at = REGISTRY.get("svc", fleet.servers["bad"].address).ejected_until  # this process's view
+        (outbound,) = stack.running()  # this process's view (one stack: one mesh, one loop)
+        back_at = outbound.mesh.states.get("svc", fleet.servers["bad"].address).ejected_until
         during = await calls(stub, 200, concurrency=4)
         assert bad.calls["Unary"] == ejected_at and "UNAVAILABLE" not in during, (
             "traffic reached it while ejected"
@@ -310,7 +311,7 @@ async def test_kill_9_of_one_of_three_under_load_with_retries(
         doc = {"kind": "Route", "metadata": {"name": "svc"}, "spec": route}
         revision = await store.put(mesh_keys.config("Route", "svc"), json.dumps(doc).encode())
         async with gmesh.aio.channel("gmesh:///svc", etcd=etcd_server.url, prefix=mesh_keys.prefix) as ch:
-            outbound = await ch.outbound()
+            outbound = await ch.ready_outbound()
             await outbound.catalog.wait_for(
                 lambda s: s.revision >= revision and len(s.endpoints_of("svc")) == 3, timeout=20
             )

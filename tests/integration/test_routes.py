@@ -281,7 +281,7 @@ async def test_caller_labels_of_a_proxy_and_of_a_channel_match_rules(
         async with gmesh.aio.channel(
             "gmesh:///orders", etcd=etcd_server.url, prefix=mesh_keys.prefix, caller_labels=labels
         ) as ch:
-            outbound = await ch.outbound()
+            outbound = await ch.ready_outbound()
             await outbound.catalog.wait_for(lambda s: s.revision >= revision, timeout=5)
             reply = await echo_pb2_grpc.EchoStub(ch).Unary(echo_pb2.EchoRequest(), timeout=5)
         assert reply.server[:2] == expected, (labels, reply.server)

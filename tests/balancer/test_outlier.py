@@ -5,26 +5,26 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from gmesh.balancer.state import Registry
-from gmesh.plugins.balancer import OutlierDetector
-from gmesh.plugins.service import OutlierDetectionSpec
+from gmesh.balancer.outlier import OutlierDetector
+from gmesh.balancer.state import EndpointStates
+from gmesh.config.service import OutlierDetectionSpec
 
 ADDRESSES = tuple(f"10.0.0.{i}:80" for i in range(1, 11))
 
 
-def detector(**spec: Any) -> tuple[OutlierDetector, Registry]:
-    registry = Registry()
+def detector(**spec: Any) -> tuple[OutlierDetector, EndpointStates]:
+    registry = EndpointStates()
     found = OutlierDetector("svc", registry)
     found.configure(OutlierDetectionSpec.model_validate(spec), ADDRESSES)
     return found, registry
 
 
-def ejected(registry: Registry) -> list[str]:
+def ejected(registry: EndpointStates) -> list[str]:
     now = time.monotonic()
     return [a for a in ADDRESSES if registry.get("svc", a).ejected_until > now]
 
 
-def fail(registry: Registry, address: str, calls: int, errors: int) -> None:
+def fail(registry: EndpointStates, address: str, calls: int, errors: int) -> None:
     state = registry.get("svc", address)
     for i in range(calls):
         state.observe(0.001, i < errors, time.monotonic())
@@ -33,7 +33,7 @@ def fail(registry: Registry, address: str, calls: int, errors: int) -> None:
 async def test_consecutive_errors_eject_at_the_threshold_and_growing_times() -> None:
     found, registry = detector(consecutiveErrors=3, baseEjectionTime="10s", maxEjectionTime="25s")
     state = registry.get("svc", ADDRESSES[0])
-    generation = registry.generation
+    generation = registry.generation("svc")
     for _ in range(2):
         state.observe(0.001, True, time.monotonic())
         found.on_failure(state)
@@ -41,7 +41,7 @@ async def test_consecutive_errors_eject_at_the_threshold_and_growing_times() -> 
     state.observe(0.001, True, time.monotonic())
     found.on_failure(state)
     assert ejected(registry) == [ADDRESSES[0]]
-    assert registry.generation > generation  # pickers get rebuilt
+    assert registry.generation("svc") > generation  # pickers get rebuilt
     assert 9.5 < state.ejected_until - time.monotonic() <= 10
     # the next ejections last 2x, then capped at maxEjectionTime
     for expected in (20, 25):

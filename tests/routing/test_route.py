@@ -16,14 +16,8 @@ from gmesh.config.validate import validate_documents
 from gmesh.discovery.catalog import MeshSnapshot
 from gmesh.errors import ConfigError, Problem
 from gmesh.pluginmanager import Plugins
-from gmesh.plugins.router import (
-    CompiledFault,
-    CompiledRetry,
-    CompiledRule,
-    RouteSpec,
-    RouteTable,
-    compile_table,
-)
+from gmesh.routing.spec import RouteSpec
+from gmesh.routing.table import CompiledFault, CompiledRetry, CompiledRule, RouteTable, compile_table
 
 FILE = "route.yaml"
 

@@ -1,0 +1,107 @@
+"""`MeshState`: what one process knows and counts about one mesh, kept across config changes —
+endpoint states, backends, outlier detectors, breakers, retry budgets, call counters, and
+the state plugins keep per service. One per outbound stack; never a process global.
+
+`Build` is the `BuildContext` a filter factory gets when a service's chain is compiled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from gmesh.balancer.backends import Backends
+from gmesh.balancer.breaker import BreakerState
+from gmesh.balancer.outlier import OutlierDetector
+from gmesh.balancer.state import EndpointStates
+from gmesh.routing.retry import RetryBudget, RetryStats
+from gmesh.stats.backend import StatsRegistry
+
+if TYPE_CHECKING:
+    from gmesh.config.kinds import Resource
+    from gmesh.config.service import ServiceSpec
+    from gmesh.discovery.catalog import MeshSnapshot
+    from gmesh.routing.table import RouteTable
+
+T = TypeVar("T")
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+#: A Service without `retryBudget`: retries up to 20% of calls + 10/s over 10 s.
+DEFAULT_BUDGET = (0.2, 10.0, 10.0)
+
+
+class MeshState:
+    """Per-mesh state of this process. Event loop only."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], MeshSnapshot],
+        *,
+        on_activate: Callable[[str], None] | None = None,
+    ) -> None:
+        self.states = EndpointStates()
+        self.detectors: dict[str, OutlierDetector] = {}
+        self.backends = Backends(self.states, snapshot, detectors=self.detectors, on_activate=on_activate)
+        self.breakers: dict[str, BreakerState] = {}
+        self.budgets: dict[str, tuple[RetryBudget, RetryStats]] = {}
+        self.stats = StatsRegistry()
+        self._kept: dict[tuple[str, str], Any] = {}
+
+    def breaker(self, service: str) -> BreakerState:
+        """The circuit-breaker counts of calls to `service`."""
+        state = self.breakers.get(service)
+        if state is None:
+            state = self.breakers[service] = BreakerState(service)
+        return state
+
+    def budget(self, service: str, spec: ServiceSpec | None) -> tuple[RetryBudget, RetryStats]:
+        """The retry budget of `service` per its spec (a new one when the spec's numbers
+        change; the counts of retries made and refused carry over)."""
+        policy = spec.retry_budget if spec is not None else None
+        ratio, floor, window = (
+            DEFAULT_BUDGET if policy is None else (policy.percent / 100, policy.min_per_second, policy.window)
+        )
+        found = self.budgets.get(service)
+        if found is not None:
+            budget, stats = found
+            if (budget.ratio, budget.min_per_second, budget.window) == (ratio, floor, max(int(window), 1)):
+                return found
+            found = (RetryBudget(ratio, floor, window), stats)
+        else:
+            found = (RetryBudget(ratio, floor, window), RetryStats())
+        self.budgets[service] = found
+        return found
+
+    def kept(self, service: str, key: str, make: Callable[[], T]) -> T:
+        """Plugin state of `service` that outlives config changes (see `BuildContext.kept`)."""
+        found = self._kept.get((service, key))
+        if found is None:
+            found = self._kept[(service, key)] = make()
+        return found
+
+    def forget(self, service: str) -> None:
+        """`service` left the mesh: drop what was kept for it."""
+        self.breakers.pop(service, None)
+        self.budgets.pop(service, None)
+        for key in [k for k in self._kept if k[0] == service]:
+            del self._kept[key]
+
+
+@dataclass(slots=True)
+class Build:
+    """The `gmesh.chain.BuildContext` of one service at one snapshot."""
+
+    service: str
+    snapshot: MeshSnapshot
+    spec: ServiceSpec | None
+    route: RouteTable | None
+    backends: Backends
+    mesh: MeshState
+
+    def resources(self, kind: str) -> Mapping[str, Resource]:
+        return self.snapshot.resources.get(kind, _EMPTY)
+
+    def kept(self, key: str, make: Callable[[], T]) -> T:
+        return self.mesh.kept(self.service, key, make)

@@ -1,0 +1,1 @@
+"""The standalone proxy: `gmesh proxy` (inbound server, relay, admin port, lifecycle)."""

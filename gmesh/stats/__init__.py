@@ -1,0 +1,1 @@
+"""Counters of the calls a process makes, per mesh, and their publication to etcd."""
