@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -47,9 +47,10 @@ class MeshSnapshot:
     `routes`: mesh service -> the `Route` resource that routes its calls.
     `source`: "etcd", "file" (loaded from the persisted copy) or "empty".
 
-    A new snapshot reuses every part the change did not touch (the same tuple of endpoints,
-    the same resource objects), so `old.endpoints_of(s) is new.endpoints_of(s)` tells in
-    O(1) whether a service's endpoints changed: consumers diff only what they use.
+    A new snapshot reuses every part the change did not touch (the same endpoint records,
+    the same resource objects), so `same_endpoints(old, new, s)` tells in O(1) whether a
+    service's endpoints changed: consumers diff only what they use. Endpoint records are
+    parsed per service when first read, the gRPC index when first read.
     """
 
     revision: int = 0
@@ -77,6 +78,98 @@ class MeshSnapshot:
         return ConfigView(self.resources)
 
 
+def same_endpoints(old: MeshSnapshot, new: MeshSnapshot, service: str) -> bool:
+    """Whether `service`'s endpoints are the very same in both snapshots (O(1), nothing parsed)."""
+    a, b = old.endpoints, new.endpoints
+    if isinstance(a, EndpointTable) and isinstance(b, EndpointTable):
+        return a.members(service) is b.members(service)
+    return a.get(service) is b.get(service)
+
+
+class _Members:
+    """One service's endpoint records at one revision, parsed the first time anyone reads them:
+    a process pays for the services it uses, not for the whole mesh."""
+
+    __slots__ = ("_endpoints", "_grpc", "_parse", "kvs", "service")
+
+    def __init__(
+        self,
+        service: str,
+        kvs: tuple[KeyValue, ...],
+        parse: Callable[[str, tuple[KeyValue, ...]], tuple[Endpoint, ...]],
+    ) -> None:
+        self.service = service
+        self.kvs = kvs
+        self._parse = parse
+        self._endpoints: tuple[Endpoint, ...] | None = None
+        self._grpc: frozenset[str] | None = None
+
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        if self._endpoints is None:
+            self._endpoints = self._parse(self.service, self.kvs)
+        return self._endpoints
+
+    def grpc_services(self) -> frozenset[str]:
+        if self._grpc is None:
+            self._grpc = frozenset(g for ep in self.endpoints() for g in ep.grpc_services)
+        return self._grpc
+
+
+class EndpointTable(Mapping[str, tuple[Endpoint, ...]]):
+    """service -> its endpoints (sorted by address), parsed per service on first read."""
+
+    __slots__ = ("_members",)
+
+    def __init__(self, members: Mapping[str, _Members]) -> None:
+        self._members = members
+
+    def __getitem__(self, service: str) -> tuple[Endpoint, ...]:
+        return self._members[service].endpoints()
+
+    def __contains__(self, service: object) -> bool:
+        return service in self._members
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def members(self, service: str) -> _Members | None:
+        return self._members.get(service)
+
+
+class GrpcIndex(Mapping[str, tuple[str, ...]]):
+    """gRPC service name -> the mesh services registering it, built on first read (the proxy
+    reads it; channels never do, and never pay for parsing every endpoint of the mesh)."""
+
+    __slots__ = ("_index", "_table")
+
+    def __init__(self, table: EndpointTable) -> None:
+        self._table = table
+        self._index: dict[str, tuple[str, ...]] | None = None
+
+    def _built(self) -> dict[str, tuple[str, ...]]:
+        if self._index is None:
+            found: dict[str, list[str]] = {}
+            for service in self._table:
+                members = self._table.members(service)
+                assert members is not None
+                for name in members.grpc_services():
+                    found.setdefault(name, []).append(service)
+            self._index = {k: tuple(sorted(v)) for k, v in found.items()}
+        return self._index
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        return self._built()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+
 Subscriber = Callable[[MeshSnapshot], None]
 
 
@@ -100,12 +193,14 @@ class Catalog:
         self.disconnected_since: float | None = None
         self._subscribers: list[Subscriber] = []
         self._kvs: dict[str, KeyValue] = {}
-        self._endpoints: dict[str, dict[str, Endpoint]] = {}
+        #: raw endpoint records by service and endpoint id; parsed lazily (`_Members`)
+        self._endpoints: dict[str, dict[str, KeyValue]] = {}
+        #: the current per-service members, reused by snapshots until a change touches them
+        self._members: dict[str, _Members] = {}
+        #: etcd key -> its record parsed (reused while its mod revision stays)
+        self._parsed: dict[str, Endpoint] = {}
         self._resources: dict[str, dict[str, Resource]] = {}
         self._invalid: dict[str, str] = {}
-        #: per mesh service, the gRPC services its endpoints serve; and the reverse index
-        self._grpc_of: dict[str, frozenset[str]] = {}
-        self._grpc_index: dict[str, set[str]] = {}
         self._task: asyncio.Task[None] | None = None
         self._persist_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
@@ -215,6 +310,7 @@ class Catalog:
     def _replace(self, kvs: Iterable[KeyValue]) -> None:
         self._kvs = {kv.key: kv for kv in kvs}
         self._endpoints, self._resources, self._invalid = {}, {}, {}
+        self._parsed = {}
         for kv in self._kvs.values():
             self._index(kv)
 
@@ -238,13 +334,9 @@ class Catalog:
         if parsed is None:
             return
         if parsed.what == "endpoint":
-            try:
-                ep = Endpoint.from_json(parsed.group, kv.value, lease=kv.lease, revision=kv.mod_revision)
-            except (ValueError, TypeError) as exc:
-                self._reject(kv.key, str(exc))
-                self._endpoints.get(parsed.group, {}).pop(parsed.name, None)
-                return
-            self._endpoints.setdefault(parsed.group, {})[parsed.name] = ep
+            # kept raw: parsed when a snapshot's reader first asks for this service
+            self._endpoints.setdefault(parsed.group, {})[parsed.name] = kv
+            return
         elif parsed.what == "config":
             try:
                 resource = parse_stored(kv.value, self.kinds, key=kv.key, revision=kv.mod_revision)
@@ -258,6 +350,7 @@ class Catalog:
     def _unindex(self, key: str) -> None:
         parsed = self.keys.parse(key)
         self._invalid.pop(key, None)
+        self._parsed.pop(key, None)
         if parsed is None:
             return
         table: Mapping[str, dict[str, Any]] = (
@@ -274,62 +367,58 @@ class Catalog:
             log.error("ignoring %s: %s", key, reason)
         self._invalid[key] = reason
 
+    def _parse_members(self, service: str, kvs: tuple[KeyValue, ...]) -> tuple[Endpoint, ...]:
+        """Parse `service`'s endpoint records (once each: reused while unchanged); a malformed one
+        is left out and reported."""
+        found: list[Endpoint] = []
+        like: Endpoint | None = None
+        for kv in kvs:
+            ep = self._parsed.get(kv.key)
+            if ep is None or ep.revision != kv.mod_revision:
+                try:
+                    ep = Endpoint.from_json(
+                        service, kv.value, lease=kv.lease, revision=kv.mod_revision, like=like
+                    )
+                except (ValueError, TypeError) as exc:
+                    self._reject(kv.key, str(exc))
+                    continue
+                if self._kvs.get(kv.key) is kv:  # still current: keep the parse for later snapshots
+                    self._parsed[kv.key] = ep
+                    self._invalid.pop(kv.key, None)
+            found.append(ep)
+            like = ep
+        return tuple(sorted(found, key=lambda e: e.address))
+
     async def _publish(self, revision: int, *, touched: set[str] | None, source: str = "etcd") -> None:
         old = self.snapshot
-        endpoints: dict[str, tuple[Endpoint, ...]]
         resources: dict[str, Mapping[str, Resource]]
         full = touched is None or old.source != source
         if full:
-            endpoints = {s: _sorted(eps) for s, eps in self._endpoints.items() if eps}
+            self._members = {
+                s: _Members(s, tuple(kvs.values()), self._parse_members)
+                for s, kvs in self._endpoints.items()
+                if kvs
+            }
             resources = {k: MappingProxyType(dict(v)) for k, v in self._resources.items() if v}
-            self._grpc_of = {}
-            self._grpc_index = {}
-            touched_services: set[str] = set(endpoints)
         else:
             assert touched is not None
-            endpoints = dict(old.endpoints)
+            self._members = dict(self._members)
             resources = dict(old.resources)
-            touched_services = set()
             for what_group in touched:
                 what, _, group = what_group.partition(":")
                 if what == "endpoint":
-                    touched_services.add(group)
-                    members = self._endpoints.get(group)
-                    if members:
-                        endpoints[group] = _sorted(members)
+                    records = self._endpoints.get(group)
+                    if records:
+                        self._members[group] = _Members(group, tuple(records.values()), self._parse_members)
                     else:
-                        endpoints.pop(group, None)
+                        self._members.pop(group, None)
                 elif what == "config":
                     res = self._resources.get(group)
                     if res:
                         resources[group] = MappingProxyType(dict(res))
                     else:
                         resources.pop(group, None)
-        # gRPC service -> mesh services, kept up to date for the services touched only
-        grpc_changed = full
-        for service in touched_services:
-            names = frozenset(g for ep in endpoints.get(service, ()) for g in ep.grpc_services)
-            before = self._grpc_of.get(service, frozenset())
-            if names == before:
-                continue
-            grpc_changed = True
-            for name in before - names:
-                owners = self._grpc_index.get(name)
-                if owners is not None:
-                    owners.discard(service)
-                    if not owners:
-                        del self._grpc_index[name]
-            for name in names - before:
-                self._grpc_index.setdefault(name, set()).add(service)
-            if names:
-                self._grpc_of[service] = names
-            else:
-                self._grpc_of.pop(service, None)
-        grpc_services = (
-            MappingProxyType({k: tuple(sorted(v)) for k, v in self._grpc_index.items()})
-            if grpc_changed
-            else old.grpc_services
-        )
+        endpoints = EndpointTable(self._members)
         routes = old.routes
         if full or resources.get("Route") is not old.resources.get("Route"):
             routes = MappingProxyType(
@@ -340,9 +429,9 @@ class Catalog:
             )
         self.snapshot = MeshSnapshot(
             revision=revision,
-            endpoints=MappingProxyType(endpoints),
+            endpoints=endpoints,
             resources=MappingProxyType(resources),
-            grpc_services=grpc_services,
+            grpc_services=GrpcIndex(endpoints),
             source=source,
             routes=routes,
         )
@@ -419,10 +508,6 @@ class Catalog:
             return None
         self._replace(kvs)
         return revision
-
-
-def _sorted(eps: dict[str, Endpoint]) -> tuple[Endpoint, ...]:
-    return tuple(sorted(eps.values(), key=lambda e: e.address))
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from gmesh.balancer.backends import service_spec
 from gmesh.chain.compose import PluginFactory, ServiceChain, build_chain, order
 from gmesh.config.types import parse_duration
-from gmesh.discovery.catalog import Catalog, MeshSnapshot
+from gmesh.discovery.catalog import Catalog, MeshSnapshot, same_endpoints
 from gmesh.discovery.endpoint import MethodKind
 from gmesh.discovery.keys import MeshKeys
 from gmesh.outbound.health import HealthChecks
@@ -248,15 +248,14 @@ class Outbound:
             ):
                 self._compile(service)
                 recompiled += 1
-            elif old.endpoints.get(service) is not new.endpoints.get(service):
+            elif not same_endpoints(old, new, service):
                 self.services[service] = replace(
                     compiled, methods=_methods(new, service), revision=new.revision
                 )
         touched = [
             s
             for s in self.backends.active
-            if old.endpoints.get(s) is not new.endpoints.get(s)
-            or old.resource("Service", s) is not new.resource("Service", s)
+            if not same_endpoints(old, new, s) or old.resource("Service", s) is not new.resource("Service", s)
         ]
         for service in touched:
             if new.has_service(service):
