@@ -302,7 +302,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.client:
         asyncio.run(
-            _client(args.client, args.concurrency, args.seconds, args.payload, args.etcd, args.prefix)
+            _client(
+                args.client, args.concurrency, args.seconds, args.payload, args.etcd, args.prefix, args.mode
+            )
         )
         return
 

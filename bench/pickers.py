@@ -11,9 +11,12 @@ with values taken in turn from 4,096 different keys, so every pick really hashes
 "loop" row is the cost of the measuring loop calling a function that does nothing:
 subtract it for the picker's own share.
 
-Then the cost of `gmesh.plugins.balancer.backends()` for one service with 1,000
-endpoints: every backend (the service, and its subsets when it has any) rebuilt, as on a
-new snapshot or a `Registry.changed()`.
+Then, for one service with 1,000 endpoints, what a health or ejection change costs: every
+backend of the service (the whole service, and its subsets) rebuilt in the mesh's live
+`Backends` table — consistent-hash tables are kept, only the pickers around them change.
+Then what an endpoint-set change costs the hashing policies: building a ring or Maglev
+table of 1,000 and 10,000 endpoints (done on a worker thread), and the longest the event
+loop stalls while a 10,000-endpoint table is built that way (a probe task sleeping 1 ms).
 
 Pure CPU, one thread, no sockets. As timeit does, the garbage collector is off while a
 measurement runs (a full collection can land in any of them and add tens of ms). `--quick` runs 20,000 picks per measurement and fewer
@@ -23,6 +26,7 @@ builds, for a smoke run in a few seconds; the default run takes under a minute.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import gc
 import os
@@ -33,14 +37,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gmesh.balancer import HASHING, POLICIES, make_picker
-from gmesh.balancer.state import EndpointState, Registry
+from gmesh.balancer import HASHING, POLICIES, hash_table, make_picker, table_order
+from gmesh.balancer.backends import Backends, wait_ready
+from gmesh.balancer.state import EndpointState, EndpointStates
 from gmesh.chain.call import Call
 from gmesh.config.kinds import Resource
+from gmesh.config.service import ServiceSpec
 from gmesh.discovery.catalog import MeshSnapshot
 from gmesh.discovery.endpoint import Endpoint
-from gmesh.plugins.balancer import backends
-from gmesh.plugins.service import ServiceSpec
 
 SERVICE = "orders"
 HASH_KEY = "x-user-id"
@@ -49,7 +53,7 @@ SIZES = (10, 1000)
 ZONES = ("a", "b", "c")
 
 
-async def _noop(call: Call) -> None:
+async def _noop(call: Call[None]) -> None:
     return None
 
 
@@ -76,7 +80,7 @@ def states_of(endpoints: Sequence[Endpoint]) -> list[EndpointState]:
     return states
 
 
-def calls(count: int) -> list[Call]:
+def calls(count: int) -> list[Call[None]]:
     """`count` calls whose x-user-id cycles through KEYS different values."""
     keyed = [
         Call("/orders.v1.Orders/Get", ((HASH_KEY, f"user-{i}"),), None, SERVICE, _noop) for i in range(KEYS)
@@ -84,7 +88,7 @@ def calls(count: int) -> list[Call]:
     return [keyed[i % KEYS] for i in range(count)]
 
 
-def time_picks(pick: Callable[[Call], Any], batch: Sequence[Call], repeat: int) -> float:
+def time_picks(pick: Callable[[Call[None]], Any], batch: Sequence[Call[None]], repeat: int) -> float:
     """Best seconds per pick over `repeat` runs through `batch`."""
     best = float("inf")
     for _ in range(repeat):
@@ -138,6 +142,34 @@ BACKEND_SPECS: tuple[tuple[str, dict[str, Any]], ...] = (
 )  # fmt: skip
 
 
+async def loop_stall(policy: str, size: int) -> tuple[float, float, float]:
+    """For a service of `size` endpoints under `policy`, first called: the seconds its activation
+    held the loop (states, orders: O(n), on the loop), the longest the loop was then late (a
+    task sleeping 1 ms) while `Backends` built the table on its worker thread, and the seconds
+    until the table served."""
+    snap = snapshot_of(endpoints_of(size), {"balancer": {"policy": policy, "hashKey": HASH_KEY}})
+    table = Backends(EndpointStates(), lambda: snap)
+    late: list[tuple[float, float]] = []  # (when the probe went to sleep, how late it woke)
+
+    async def probe() -> None:
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(0.001)
+            late.append((start, time.perf_counter() - start - 0.001))
+
+    prober = asyncio.ensure_future(probe())
+    await asyncio.sleep(0.05)
+    start = time.perf_counter()
+    backend = table.get((SERVICE, None))
+    activated = time.perf_counter()
+    assert await wait_ready(backend, 30.0)
+    ready = time.perf_counter() - start
+    prober.cancel()
+    table.close()
+    # only sleeps begun once the activation had returned (the one it delayed is the activation)
+    return activated - start, max(lag for began, lag in late if began >= activated), ready
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -179,19 +211,29 @@ def main() -> None:
 
     n = 1000
     endpoints = endpoints_of(n)
-    print(f"\nbackends(): every backend of one service with {n} endpoints rebuilt (new generation)")
+    print(f"\na health change: every backend of one service with {n} endpoints rebuilt")
     print(f"{'Service spec':36} {'backends':>8} {'ms/rebuild':>10} {'builds':>6}")
     for label, spec in BACKEND_SPECS:
         snap = snapshot_of(endpoints, spec)
-        registry = Registry()
-
-        def rebuild(snap: MeshSnapshot = snap, registry: Registry = registry) -> Any:
-            registry.changed()  # a new health generation: the cached table no longer applies
-            return backends(snap, registry)
-
-        seconds, runs, table = time_builds(rebuild, budget, at_least, at_most)
-        print(f"{label:36} {len(table):>8} {seconds * 1e3:10.3f} {runs:>6}")
+        table = Backends(EndpointStates(), lambda snap=snap: snap)  # type: ignore[misc]
+        table.get((SERVICE, None))  # in use: tables built once, outside the measure
+        seconds, runs, _ = time_builds(functools.partial(table.build, SERVICE), budget, at_least, at_most)
+        print(f"{label:36} {len(table.table):>8} {seconds * 1e3:10.3f} {runs:>6}")
         sys.stdout.flush()
+    print("\nan endpoint-set change: a consistent-hash table built (on a worker thread)")
+    print(f"{'policy':22} {'endpoints':>9} {'ms/build':>9}")
+    for policy in sorted(HASHING):
+        for size in (1000, 10_000):
+            ordered = table_order(policy, endpoints_of(size))
+            seconds, _, _ = time_builds(functools.partial(hash_table, policy, ordered), budget, 1, 3)
+            print(f"{policy:22} {size:>9} {seconds * 1e3:9.1f}")
+    gc.enable()
+    print("\nthe event loop when a service of 10,000 endpoints is first called (hashing policies)")
+    print(f"{'policy':22} {'activation ms':>13} {'longest stall ms':>16} {'table serves after ms':>21}")
+    for policy in sorted(HASHING):
+        gc.collect()
+        activation, stall, ready = asyncio.run(loop_stall(policy, 10_000))
+        print(f"{policy:22} {activation * 1e3:13.1f} {stall * 1e3:16.1f} {ready * 1e3:21.0f}")
     print(f"\n({time.perf_counter() - began:.1f}s)")
 
 

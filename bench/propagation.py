@@ -72,6 +72,19 @@ def emit(line: str) -> None:
 # any compile). The worker stops when its stdin closes (or after --max-seconds).
 
 
+async def call_once(target: Any) -> None:
+    """One call to `orders` (an address, or a channel): the service is compiled and in use."""
+    import grpc.aio
+
+    from gmesh.v1 import echo_pb2, echo_pb2_grpc
+
+    if isinstance(target, str):
+        async with grpc.aio.insecure_channel(target) as channel:
+            await echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.EchoRequest(), timeout=10)
+    else:
+        await echo_pb2_grpc.EchoStub(target).Unary(echo_pb2.EchoRequest(), timeout=10)
+
+
 async def _worker(kind: str, etcd: str, prefix: str, endpoints: int, max_seconds: float) -> None:
     from gmesh.discovery.catalog import Catalog, MeshSnapshot
     from gmesh.discovery.keys import MeshKeys
@@ -104,9 +117,9 @@ async def _worker(kind: str, etcd: str, prefix: str, endpoints: int, max_seconds
     def on_snapshot(snapshot: MeshSnapshot) -> None:
         published[snapshot.revision] = time.perf_counter()
 
-    def on_change(state: Any) -> None:
+    def on_change(outbound: Any) -> None:
         now = time.perf_counter()
-        rev = state.table.revision
+        rev = outbound.revision
         emit(f"in-use {rev} {arrivals.pop(rev, 0.0)!r} {published.pop(rev, 0.0)!r} {now!r}")
 
     def follow(catalog: Catalog) -> None:
@@ -126,8 +139,9 @@ async def _worker(kind: str, etcd: str, prefix: str, endpoints: int, max_seconds
             )
             proxy = RunningProxy(settings)
             await proxy.start(wait_for_snapshot=10)
-            stack.push_async_callback(proxy.stop, 0)
+            stack.push_async_callback(proxy.stop, 0, delay=0)
             await proxy.catalog.wait_for(ready_mesh, timeout=10)
+            await call_once(proxy.address)  # the service is in use here, as in production
             follow(proxy.catalog)
             proxy.outbound.on_change(on_change)
         elif kind == "channel":
@@ -135,8 +149,9 @@ async def _worker(kind: str, etcd: str, prefix: str, endpoints: int, max_seconds
 
             channel = gmesh.aio.channel(f"gmesh:///{SERVICE}", etcd=config, prefix=prefix)
             stack.push_async_callback(channel.close, 0)
-            outbound = await channel.outbound()
+            outbound = await channel.ready_outbound()
             await outbound.catalog.wait_for(ready_mesh, timeout=10)
+            await call_once(channel)
             follow(outbound.catalog)
             outbound.on_change(on_change)
         else:  # "etcd": a plain watcher on the range the catalog watches
@@ -168,6 +183,38 @@ async def _worker(kind: str, etcd: str, prefix: str, endpoints: int, max_seconds
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max_seconds):
                 await stdin.read()  # until EOF: the bench closed our stdin (or died)
+
+
+# --------------------------------------------------------------------------- a big mesh
+
+
+async def load_filler(store: Any, keys: Any, services: int, per_service: int) -> int:
+    """Register `services` x `per_service` endpoints nobody calls, on closed loopback ports, as
+    a real fleet would look (labels, reflection-learned gRPC services and methods); one
+    transaction per 1,000 records."""
+    from types import MappingProxyType
+
+    from gmesh.discovery.endpoint import Endpoint, MethodKind
+    from gmesh.store.etcd import Put
+
+    ops = []
+    now = time.time()
+    for s in range(services):
+        service = f"filler-{s:04d}"
+        grpc_service = f"bench.filler{s}.v1.Filler"
+        methods = MappingProxyType({f"/{grpc_service}/M{m}": MethodKind.UNARY for m in range(5)})
+        for e in range(per_service):
+            port = 20000 + (s * per_service + e) % 40000  # nothing listens there
+            address = f"127.0.{1 + (s * per_service + e) // 40000}.1:{port}"
+            ep = Endpoint(
+                service, address, labels=MappingProxyType({"version": "v1", "team": f"t{s % 7}"}),
+                grpc_services=(grpc_service,), methods=methods, grpc_services_from="reflection",
+                registered_at=now, host="filler", pid=1,
+            )  # fmt: skip
+            ops.append(Put(keys.endpoint(service, address), ep.to_json()))
+    for i in range(0, len(ops), 1000):
+        await store.txn([], ops[i : i + 1000])
+    return len(ops)
 
 
 # --------------------------------------------------------------------------- watchers
@@ -563,6 +610,7 @@ async def run(args: argparse.Namespace) -> None:
                             store=store,
                             prefix=PREFIX,
                             handle_sigterm=False,
+                            drain_delay=0,
                         )
                     )
                 service = {"kind": "Service", "metadata": {"name": SERVICE}, "spec": {"subsets": SUBSETS}}
@@ -570,6 +618,12 @@ async def run(args: argparse.Namespace) -> None:
                 key = keys.config("Route", SERVICE)
                 await store.put(key, route_doc(100))
                 assert member.proc is not None
+                if args.filler_services:
+                    loaded = await load_filler(store, keys, args.filler_services, args.filler_endpoints)
+                    print(
+                        f"filler: {loaded} endpoints of {args.filler_services} other services",
+                        file=sys.stderr,
+                    )
                 setup = Setup(member.url, member.proc.pid, store, key, workdir, args)
                 if not args.no_baseline:
                     print(f"baseline: {args.watchers} etcd watcher processes", file=sys.stderr)
@@ -613,6 +667,15 @@ def main() -> None:
         help="seconds a change may take to reach every watcher (default 5)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain etcd watchers")
+    parser.add_argument(
+        "--filler-services",
+        type=int,
+        default=0,
+        help="also register this many other services nobody calls (unreachable endpoints)",
+    )
+    parser.add_argument(
+        "--filler-endpoints", type=int, default=100, help="endpoints of each filler service (default 100)"
+    )
     parser.add_argument("--worker", choices=["proxy", "channel", "etcd"], help=argparse.SUPPRESS)
     parser.add_argument("--etcd", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default=PREFIX, help=argparse.SUPPRESS)

@@ -107,8 +107,10 @@ class RoundRobin(_Repick):
             self._next = itertools.cycle(live[start:] + live[:start]).__next__
         else:
             divisor = reduce(math.gcd, weights)
-            self._step = {id(e): divisor / e.weight for e in live}
-            self._heap = [(random.random() * self._step[id(e)], i, e) for i, e in enumerate(live)]
+            # one step per distinct weight (a few), not per endpoint: cheap to build at 10,000
+            self._step = {w: divisor / w for w in weights}
+            step, rand = self._step, random.random
+            self._heap = [(rand() * step[e.weight], i, e) for i, e in enumerate(live)]
             heapq.heapify(self._heap)
 
     def pick(self, call: Call[Any]) -> Endpoint | None:
@@ -116,7 +118,7 @@ class RoundRobin(_Repick):
         if heap is None:
             return self._next() if self.endpoints else None
         due, order, endpoint = heap[0]
-        heapq.heapreplace(heap, (due + self._step[id(endpoint)], order, endpoint))
+        heapq.heapreplace(heap, (due + self._step[endpoint.weight], order, endpoint))
         return endpoint
 
 

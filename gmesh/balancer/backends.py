@@ -100,6 +100,21 @@ def service_spec(snapshot: MeshSnapshot, service: str) -> ServiceSpec | None:
     return resource.spec if resource is not None else None  # type: ignore[return-value]
 
 
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """One backend's endpoints (weight > 0), their states, zones and hash-table orders, as of
+    one endpoint set (`source`, by identity) and one spec (by identity)."""
+
+    source: tuple[Endpoint, ...]
+    spec: object
+    hashing: str
+    endpoints: tuple[Endpoint, ...]
+    states: tuple[EndpointState, ...]
+    by_address: Mapping[str, EndpointState]
+    zones: dict[str, tuple[int, ...]]
+    hashed: dict[str, tuple[tuple[Endpoint, ...], tuple[int, ...], TableKey]]
+
+
 def _none(key: BackendKey) -> Backend:
     return Backend(key, NoEndpoints(), 0)
 
@@ -133,6 +148,8 @@ class Backends:
         #: per (backend key, zone): the last table that served it and its endpoint order
         self._last: dict[tuple[BackendKey, str], tuple[HashTable, tuple[Endpoint, ...]]] = {}
         self._stale: set[str] = set()
+        self._prepared: dict[BackendKey, _Prepared] = {}
+        self._kept_for: dict[str, tuple[Endpoint, ...]] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._unlisten = states.listen(self._health_changed)
         #: builds done (for tests and the config dump)
@@ -190,11 +207,15 @@ class Backends:
         for key in [k for k in self.table if k[0] == service]:
             if key[1] not in subsets:
                 del self.table[key]
+                self._prepared.pop(key, None)
         for subset in subsets:
             self.table[(service, subset)] = self._build(snapshot, service, subset, spec, now, uses)
         self._uses[service] = uses
         self._collect_tables()
-        self.states.keep_only(service, (e.address for e in snapshot.endpoints_of(service)))
+        members = snapshot.endpoints_of(service)
+        if self._kept_for.get(service) is not members:  # endpoints left: forget their states
+            self.states.keep_only(service, (e.address for e in members))
+            self._kept_for[service] = members
         self.active[service] = now
         self.builds += 1
         self.wake()
@@ -217,6 +238,9 @@ class Backends:
             del self.table[key]
         for last in [k for k in self._last if k[0][0] == service]:
             del self._last[last]
+        for prepared in [k for k in self._prepared if k[0] == service]:
+            del self._prepared[prepared]
+        self._kept_for.pop(service, None)
         self.active.pop(service, None)
         self._uses.pop(service, None)
         self._collect_tables()
@@ -260,6 +284,41 @@ class Backends:
             detector = self.detectors[service] = OutlierDetector(service, self.states)
         detector.configure(outlier, tuple(e.address for e in snapshot.endpoints_of(service)))
 
+    def _prepare(
+        self, snapshot: MeshSnapshot, service: str, subset: str | None, spec: ServiceSpec | None, hashing: str
+    ) -> _Prepared:
+        """What a backend's builds share until its endpoints or spec change: a health flip then
+        costs one pass over the states (a few ms at 10,000 endpoints), not a rebuild of all this."""
+        source = snapshot.endpoints_of(service)
+        found = self._prepared.get((service, subset))
+        if found is not None and found.source is source and found.spec is spec and found.hashing == hashing:
+            return found
+        # weight 0 drains an endpoint under every policy
+        endpoints = tuple(e for e in subset_endpoints(snapshot, service, subset) if e.weight > 0)
+        states = tuple(self.states.get(service, e.address) for e in endpoints)
+        by_zone: dict[str, list[int]] = {}
+        for i, e in enumerate(endpoints):
+            if e.zone:
+                by_zone.setdefault(e.zone, []).append(i)
+        zones = {z: tuple(ix) for z, ix in by_zone.items()}
+        hashed: dict[str, tuple[tuple[Endpoint, ...], tuple[int, ...], TableKey]] = {}
+        if hashing:
+            zoned = spec is not None and spec.balancer.zone_aware is not None
+            position = {e.address: i for i, e in enumerate(endpoints)}
+            groups: dict[str, tuple[Endpoint, ...]] = {"": endpoints}
+            if zoned:  # a table per zone only when the balancer prefers the caller's zone
+                groups.update((z, tuple(endpoints[i] for i in ix)) for z, ix in sorted(zones.items()))
+            for zone, members in groups.items():
+                ordered = table_order(hashing, members)
+                tkey: TableKey = (hashing, tuple((e.address, e.weight) for e in ordered))
+                hashed[zone] = (ordered, tuple(position[e.address] for e in ordered), tkey)
+        prepared = _Prepared(
+            source, spec, hashing, endpoints, states,
+            MappingProxyType({e.address: s for e, s in zip(endpoints, states, strict=True)}), zones, hashed,
+        )  # fmt: skip
+        self._prepared[(service, subset)] = prepared
+        return prepared
+
     def _build(
         self,
         snapshot: MeshSnapshot,
@@ -270,10 +329,14 @@ class Backends:
         uses: set[TableKey],
     ) -> Backend:
         key = (service, subset)
-        # weight 0 drains an endpoint under every policy
-        endpoints = tuple(e for e in subset_endpoints(snapshot, service, subset) if e.weight > 0)
-        states = {e.address: self.states.get(service, e.address) for e in endpoints}
-        usable = [e for e in endpoints if states[e.address].usable(now)]
+        balancer = spec.balancer if spec is not None else None
+        policy = balancer.subsets.get(subset, balancer) if balancer is not None and subset else balancer
+        name = policy.policy if policy is not None else "weighted_round_robin"
+        hash_key = policy.hash_key if policy is not None else None
+        prep = self._prepare(snapshot, service, subset, spec, name if name in HASHING else "")
+        endpoints, states = prep.endpoints, prep.states
+        flags = [s.usable(now) for s in states]
+        usable = [e for e, ok in zip(endpoints, flags, strict=True) if ok]
         panic_threshold = spec.panic_threshold if spec is not None else 50.0
         panic = bool(endpoints) and len(usable) * 100 < panic_threshold * len(endpoints)
         if panic:
@@ -282,35 +345,32 @@ class Backends:
                 service if subset is None else f"{service}/{subset}",
                 len(usable), len(endpoints), panic_threshold,
             )  # fmt: skip
-        balancer = spec.balancer if spec is not None else None
-        policy = balancer.subsets.get(subset, balancer) if balancer is not None and subset else balancer
-        name = policy.policy if policy is not None else "weighted_round_robin"
-        hash_key = policy.hash_key if policy is not None else None
         ready: list[asyncio.Future[None]] = []
 
-        def picker_over(members: Sequence[Endpoint], zone: str) -> Picker:
+        def picker_over(indexes: Sequence[int] | None, zone: str) -> Picker:
             if name in HASHING:
                 # every endpoint is in the table; the usable ones (all of them in panic) take calls
-                flags = None if panic else [states[e.address].usable(now) for e in members]
-                return self._hashing(key, zone, name, members, flags, hash_key or "", uses, ready)
-            live = list(members) if panic else [e for e in members if states[e.address].usable(now)]
-            return make_picker(name, live, [states[e.address] for e in live], hash_key)
+                ordered, order, tkey = prep.hashed[zone]
+                table_flags = None if panic else [flags[i] for i in order]
+                return self._hashing(key, zone, tkey, ordered, table_flags, hash_key or "", uses, ready)
+            chosen = range(len(endpoints)) if indexes is None else indexes
+            live = [i for i in chosen if panic or flags[i]]
+            return make_picker(name, [endpoints[i] for i in live], [states[i] for i in live], hash_key)
 
-        picker = picker_over(endpoints, "")
+        picker = picker_over(None, "")
         zone_spec = balancer.zone_aware if balancer is not None else None
         if zone_spec is not None and usable:
             # Judged on the endpoints really usable (panic or not): a zone whose endpoints are
             # out sends its callers elsewhere.
             by_zone: dict[str, Picker] = {}
-            for z in sorted({e.zone for e in endpoints if e.zone}):
-                local = [e for e in usable if e.zone == z]
-                in_zone = [e for e in endpoints if e.zone == z]
-                if local and len(local) * 100 >= zone_spec.min_healthy_percent * len(in_zone):
-                    by_zone[z] = picker_over(in_zone if name in HASHING else local, z)
+            for z, indexes in sorted(prep.zones.items()):
+                local = sum(1 for i in indexes if flags[i])
+                if local and local * 100 >= zone_spec.min_healthy_percent * len(indexes):
+                    by_zone[z] = picker_over([i for i in indexes if flags[i]], z)
             picker = ZoneAware(by_zone, picker)
         breaker = spec.circuit_breaker if spec is not None else None
         return Backend(
-            key, picker, len(endpoints) if panic else len(usable), MappingProxyType(states), len(endpoints),
+            key, picker, len(endpoints) if panic else len(usable), prep.by_address, len(endpoints),
             panic, breaker.max_requests_per_endpoint if breaker is not None else None,
             self.detectors.get(service), ready[0] if ready else None,
         )  # fmt: skip
@@ -319,8 +379,8 @@ class Backends:
         self,
         key: BackendKey,
         zone: str,
-        policy: str,
-        members: Sequence[Endpoint],
+        tkey: TableKey,
+        ordered: tuple[Endpoint, ...],
         flags: list[bool] | None,
         hash_key: str,
         uses: set[TableKey],
@@ -328,11 +388,7 @@ class Backends:
     ) -> Picker:
         """A consistent-hash picker: the table of this endpoint set (cached, or built now when
         small), else the last table this backend had while the new one is built."""
-        ordered = table_order(policy, members)
-        if flags is not None:
-            by_address = dict(zip((e.address for e in members), flags, strict=True))
-            flags = [by_address[e.address] for e in ordered]
-        tkey: TableKey = (policy, tuple((e.address, e.weight) for e in ordered))
+        policy = tkey[0]
         table = self._tables.get(tkey)
         if table is None and ordered:
             table = self._table(tkey, policy, ordered, key[0])
@@ -366,12 +422,13 @@ class Backends:
             table = self._tables[tkey] = hash_table(policy, ordered)
             return table
         if tkey not in self._building:
-            work = loop.run_in_executor(None, hash_table, policy, ordered)
             done: asyncio.Future[None] = loop.create_future()
             self._building[tkey] = done
 
             def finished(future: asyncio.Future[HashTable]) -> None:
                 self._building.pop(tkey, None)
+                if done.done():  # closed meanwhile
+                    return
                 if future.cancelled():
                     done.cancel()
                     return
@@ -387,7 +444,13 @@ class Backends:
                 else:
                     self._collect_tables()
 
-            work.add_done_callback(finished)
+            def submit() -> None:
+                # After this loop turn's own work: a thread started meanwhile would compete for
+                # the GIL and stretch that work.
+                if not done.done():
+                    loop.run_in_executor(None, hash_table, policy, ordered).add_done_callback(finished)
+
+            loop.call_soon(submit)
             done.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved here
         return None
 
