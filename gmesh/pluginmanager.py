@@ -45,6 +45,11 @@ BUILTINS: dict[str, str] = {
 ESSENTIAL = frozenset({"service", "balancer"})
 
 
+#: What `Plugins.load` found, per (entry points, disabled): installed distributions do not
+#: change while a process runs, and scanning them costs ~50 ms each time.
+_LOADED: dict[tuple[bool, frozenset[str]], Plugins] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class PluginInfo:
     name: str
@@ -68,10 +73,14 @@ class Plugins:
         `disabled` (default: the comma-separated names in GMESH_DISABLE_PLUGINS) are not
         loaded; naming an essential built-in there is an error.
         """
-        pm = pluggy.PluginManager(hookspecs.PROJECT)
-        pm.add_hookspecs(hookspecs)
         if disabled is None:
             disabled = frozenset(n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip())
+        cache_key = (entry_points, disabled)
+        found = _LOADED.get(cache_key)
+        if found is not None:
+            return found
+        pm = pluggy.PluginManager(hookspecs.PROJECT)
+        pm.add_hookspecs(hookspecs)
         refused = disabled & ESSENTIAL
         if refused:
             raise InvalidArgument(
@@ -84,7 +93,8 @@ class Plugins:
         for name, module in BUILTINS.items():
             if pm.get_plugin(name) is None and not pm.is_blocked(name):
                 pm.register(importlib.import_module(module), name=name)
-        return cls(pm)
+        plugins = _LOADED[cache_key] = cls(pm)
+        return plugins
 
     @classmethod
     def builtin_only(cls) -> Plugins:

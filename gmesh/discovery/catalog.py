@@ -34,7 +34,7 @@ _EMPTY_MAP: Mapping[str, Any] = MappingProxyType({})
 
 #: With a persisted snapshot on disk, how long a starting catalog lets etcd answer before it
 #: serves the file (a restart while etcd is down must serve within a second).
-FILE_AFTER = 0.3
+FILE_AFTER = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,18 +211,29 @@ class Catalog:
     async def start(self, *, wait: float = 5.0, file_after: float = FILE_AFTER) -> None:
         """Start following etcd, and return once there is a snapshot to serve, or after `wait`.
 
-        With a persisted snapshot on disk, etcd gets `file_after` seconds to answer first;
-        then the file is served (source "file") while the watch keeps trying in the
-        background, and etcd's own snapshot replaces it when it answers.
+        With a persisted snapshot on disk, etcd gets `file_after` seconds to answer first (less
+        when the connection to it fails at once); then the file is served (source "file")
+        while the watch keeps trying in the background, and etcd's own snapshot replaces it
+        when it answers.
         """
         self._task = asyncio.create_task(self._follow(), name="gmesh-catalog")
         has_file = self.persist_path is not None and self.persist_path.exists()
-        try:
-            await self.wait_for(
-                lambda s: s.source == "etcd", timeout=min(wait, file_after) if has_file else wait
-            )
-        except TimeoutError:
-            revision = self._load_persisted() if self.snapshot.source == "empty" else None
+        if has_file:
+            from_etcd = asyncio.ensure_future(self.wait_for(lambda s: s.source == "etcd", timeout=wait))
+            refused = asyncio.ensure_future(self.store.unreachable())
+            await asyncio.wait((from_etcd, refused), timeout=file_after, return_when=asyncio.FIRST_COMPLETED)
+            refused.cancel()
+            if not from_etcd.done():
+                from_etcd.cancel()
+            with contextlib.suppress(BaseException):
+                await from_etcd
+            with contextlib.suppress(BaseException):
+                await refused
+        else:
+            with contextlib.suppress(TimeoutError):
+                await self.wait_for(lambda s: s.source == "etcd", timeout=wait)
+        if self.snapshot.source == "empty":
+            revision = self._load_persisted()
             if revision is not None:
                 await self._publish(revision, touched=None, source="file")
                 log.warning(
@@ -232,9 +243,6 @@ class Catalog:
                     self.persist_path,
                     self.snapshot.revision,
                 )
-            elif has_file and wait > file_after:
-                with contextlib.suppress(TimeoutError):
-                    await self.wait_for(lambda s: s.source == "etcd", timeout=wait - file_after)
 
     async def close(self) -> None:
         for task in (self._task, self._persist_task):

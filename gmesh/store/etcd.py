@@ -400,6 +400,16 @@ class Store:
                 raise StoreUnavailable(f"etcd at {self.config.describe()}: {what}: {exc}") from exc
         raise AssertionError("unreachable")
 
+    async def unreachable(self) -> None:
+        """Return once the connection to etcd has failed (every endpoint refused or timed out):
+        a starting catalog with a persisted snapshot need not wait any longer."""
+        channel = self._channel
+        assert channel is not None, "store is not open"
+        state = channel.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=True)
+
     async def ping(self) -> int:
         """The cluster's current revision; raises `StoreUnavailable` if etcd does not answer."""
         resp = await self._call(

@@ -42,6 +42,10 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
         self.fail_share = 0.0
         self.fail_with = grpc.StatusCode.UNAVAILABLE
         self._unary_seen = 0
+        #: fail this share (0..1) of ServerStream and Bidi calls with `fail_with` right after their
+        #: first response (a stream the caller has started to read: committed, never retried)
+        self.stream_fail_share = 0.0
+        self._streams_seen = 0
         #: seconds added to every Unary call (a slow endpoint), and the most calls seen at once
         self.extra_delay = 0.0
         self.max_active = 0
@@ -92,6 +96,16 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
             if int(n * self.fail_share) != int((n - 1) * self.fail_share):
                 await context.abort(self.fail_with, f"{self.name}: failing {self.fail_share:.0%} of calls")
 
+    def _stream_fails(self) -> bool:
+        """Whether this stream is one of the `stream_fail_share` that fail (evenly spread)."""
+        if not self.stream_fail_share:
+            return False
+        n = self._streams_seen = self._streams_seen + 1
+        return int(n * self.stream_fail_share) != int((n - 1) * self.stream_fail_share)
+
+    async def _fail_stream(self, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(self.fail_with, f"{self.name}: failing {self.stream_fail_share:.0%} of streams")
+
     async def _maybe_fail(self, req: Any, context: grpc.aio.ServicerContext) -> None:
         if req.fail_code:
             trailing = tuple(_pairs(req.trailing_metadata))
@@ -114,10 +128,13 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
     async def ServerStream(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         with self._call("ServerStream"):
             await self._headers(request, context)
+            fails = self._stream_fails()
             for i in range(max(request.count, 1)):
                 if request.delay_ms:
                     await asyncio.sleep(request.delay_ms / 1000)
                 await context.write(self._reply(request, context, i))
+                if fails:
+                    await self._fail_stream(context)
                 self.sent += 1
             await self._maybe_fail(request, context)
 
@@ -134,6 +151,7 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
     async def Bidi(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         with self._call("Bidi"):
             await self._maybe_refuse(context)
+            fails = self._stream_fails()
             i = 0
             async for req in request_iterator:
                 if i == 0:
@@ -144,6 +162,8 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]
                 await context.write(self._reply(req, context, i))
                 self.sent += 1
                 i += 1
+                if fails:
+                    await self._fail_stream(context)
 
 
 def _pairs(headers: Any) -> list[tuple[str, str | bytes]]:
