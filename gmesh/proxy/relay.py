@@ -166,6 +166,11 @@ class ProxyStream:
             self.max_age.cancel()
         if self.tape is not None:
             self.tape.close()
+        # The server context keeps this callback (and so this object) until a garbage
+        # collection breaks their cycle; an upstream call held meanwhile would keep its
+        # endpoint connection open after the pool closed it.
+        self.upstream = None
+        self.tape = None
 
 
 #: How long a retryable stream with empty headers waits for its first message (or its end)
@@ -234,6 +239,8 @@ async def forward_stream(call: Call[ProxyStream]) -> None:
             first.cancel()
         if not upstream.done():
             upstream.cancel()
+        if stream.upstream is upstream:
+            stream.upstream = None  # see ProxyStream.end
     if aged is not None and aged.expired:
         call.committed = True  # ended on purpose: never retried
         raise aged.error()
