@@ -58,19 +58,32 @@ def gmesh_filter_factories() -> list[FilterFactory]:  # type: ignore[empty-body]
 
     Return a list of objects with `name` (str), `phase` (`gmesh.chain.Phase`: OBSERVE,
     AUTHENTICATE, AUTHORIZE, LIMIT, ROUTE, RETRY, ATTEMPT, BALANCE) and
-    ``build(service, snapshot) -> Filter | None``. gmesh calls `build` for every mesh
-    service whenever the config or the endpoints change, and composes the filters it
-    returns in phase order (then plugin order) in front of the forwarder; return None
-    when the service needs nothing from you, so its calls do not pay for your filter.
+    ``build(ctx) -> Filter | None``. gmesh calls `build` for a service when the service is
+    first called in a process and again when its config changes (its `Service`, its
+    `Route`, or any resource of a plugin's kind), and composes the filters it returns in
+    phase order (then plugin order) in front of the forwarder; return None when the service
+    needs nothing from you, so its calls do not pay for your filter.
 
-    A filter is ``async def __call__(self, call, next)``: raise
-    ``gmesh.errors.CallError(code, details)`` to end the call with a gRPC status, change
-    ``call`` (metadata, endpoint, stash) and ``return await next(call)``, or wrap that
-    await (timing, retries). Filters are shared by concurrent calls: keep per-call state
-    in ``call.stash``.
+    `ctx` (`gmesh.chain.BuildContext`): `ctx.service`, `ctx.snapshot` (the whole mesh),
+    `ctx.spec` (the service's `Service` spec or None), `ctx.route` (its compiled `Route`
+    or None), `ctx.resources(kind)` (resources of any kind, yours included), `ctx.mesh`
+    (this process's state of the mesh: breakers, retry budgets, counters) and
+    ``ctx.kept(key, make)`` for per-service state that must outlive a config change.
 
-    Called whenever the snapshot changes, per service. Hot path: never (the filters it
-    builds are the hot path, and run as plain awaited calls).
+    A `build` that raises makes that service's chain fail closed: every call to it ends
+    UNAVAILABLE naming your plugin until a build succeeds, and `gmesh plugins` and the
+    proxy's config dump show why (an authorization filter must never fail open).
+
+    A filter is ``async def __call__(self, call, next, /)`` — `next` comes positionally,
+    name it as you like: raise ``gmesh.errors.CallError(code, details)`` to end the call
+    with a gRPC status, change ``call`` (``call.metadata``, read it with
+    ``call.header(key)``) and ``return await next(call)``, or wrap that await (timing,
+    retries) and judge how it ended with ``gmesh.chain.outcome_of(error)`` — the one
+    classification stats, outlier detection and retries use. Filters are shared by
+    concurrent calls: keep per-call state in ``call.stash``.
+
+    Called when a service is first called and when its config changes. Hot path: never
+    (the filters it builds are the hot path, and run as plain awaited calls).
     """
 
 

@@ -71,12 +71,14 @@ class Plugins:
         """A plugin manager with the built-ins and every installed `gmesh` entry point.
 
         `disabled` (default: the comma-separated names in GMESH_DISABLE_PLUGINS) are not
-        loaded; naming an essential built-in there is an error.
+        loaded; naming an essential built-in there is an error. With entry points, the manager
+        is made once per process and shared (installed distributions do not change while a
+        process runs); without, a new one each time.
         """
         if disabled is None:
             disabled = frozenset(n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip())
         cache_key = (entry_points, disabled)
-        found = _LOADED.get(cache_key)
+        found = _LOADED.get(cache_key) if entry_points else None
         if found is not None:
             return found
         pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -93,7 +95,9 @@ class Plugins:
         for name, module in BUILTINS.items():
             if pm.get_plugin(name) is None and not pm.is_blocked(name):
                 pm.register(importlib.import_module(module), name=name)
-        plugins = _LOADED[cache_key] = cls(pm)
+        plugins = cls(pm)
+        if entry_points:
+            _LOADED[cache_key] = plugins
         return plugins
 
     @classmethod

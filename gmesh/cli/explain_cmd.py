@@ -7,14 +7,14 @@ from typing import Any
 
 import click
 
-from gmesh.balancer.backends import Backends, service_spec
+from gmesh.balancer.backends import Backends
 from gmesh.chain.call import Call, Caller
-from gmesh.chain.compose import build_chain, order
+from gmesh.chain.compose import order
 from gmesh.cli.common import MeshTarget, mesh_options, run, table
 from gmesh.config.types import format_duration
 from gmesh.discovery.catalog import Catalog, MeshSnapshot
 from gmesh.errors import InvalidArgument, NotFound
-from gmesh.outbound.mesh import Build, MeshState
+from gmesh.outbound.mesh import MeshState, compile_chain
 from gmesh.pluginmanager import Plugins
 from gmesh.routing.table import BackendKey, CompiledRule, compile_table
 
@@ -60,16 +60,14 @@ def explain_call(
     # The same compile the proxy and channels run, on a mesh state of this process's own.
     mesh = MeshState(lambda: snapshot)
     route = compile_table(service, snapshot)
-    chain = build_chain(
-        Build(service, snapshot, service_spec(snapshot, service), route, mesh.backends, mesh),
-        order(plugins.filter_factories()),
-    )
+    chain = compile_chain(snapshot, order(plugins.filter_factories()), service, mesh)
     call: Call[None] = Call(method, metadata, None, service, _noop, None, caller=caller)
     table_backends = mesh.backends
     result: dict[str, Any] = {
         "service": service,
         "revision": snapshot.revision,
         "chain": list(chain.filters),
+        "chainError": chain.error,
         "route": route.route if route else None,
         "rules": [],
     }
@@ -182,6 +180,8 @@ def _resilience(spec: Any, rule: CompiledRule | None, service: str) -> list[str]
 def render(result: dict[str, Any], n: int) -> str:
     lines = [f"service {result['service']} at revision {result['revision']}"]
     lines.append(f"chain: {' -> '.join(result['chain'])}")
+    if result.get("chainError"):
+        lines.append(f"  every call is refused (UNAVAILABLE): {result['chainError']}")
     if result["route"] is None:
         lines.append("route: none (every call goes to all endpoints of the service)")
     else:

@@ -1,18 +1,34 @@
-"""`gmesh plugins`: which plugins are loaded, from which distribution, and what they give."""
+"""`gmesh plugins`: which plugins are loaded, from which distribution, what they give, and whether
+their filters build for the services of the mesh."""
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-from gmesh.cli.common import table
+from gmesh.chain.compose import order
+from gmesh.cli.common import MeshTarget, mesh_options, run, table
+from gmesh.errors import GmeshError
 from gmesh.pluginmanager import DISABLE_ENV, Plugins
 
 
 @click.command()
 @click.option("-v", "--verbose", is_flag=True, help="also list the hooks each plugin implements")
-def plugins(verbose: bool) -> None:
+@click.option(
+    "--check/--no-check",
+    default=True,
+    show_default=True,
+    help="build every service's chain from the mesh's config in etcd and report filters that fail "
+    "(a service whose chain fails refuses its calls); skipped when no etcd is reachable",
+)
+@mesh_options
+def plugins(target: MeshTarget, verbose: bool, check: bool) -> None:
     """List loaded plugins: name, distribution, version, and the config kinds and chain
-    filters (with their phase) each gives — built-ins included.
+    filters (with their phase) each gives — built-ins included. Then, with --check, build
+    every service's chain as proxies and channels would, and list the filters that fail to
+    build: their services refuse every call (UNAVAILABLE naming the plugin) until they do.
+    Exits 1 when one fails.
 
     Plugins come from the `gmesh` entry-point group; set GMESH_DISABLE_PLUGINS=a,b to
     leave some out.
@@ -39,3 +55,42 @@ def plugins(verbose: bool) -> None:
     blocked = [name for name, plugin in loaded.pm.list_name_plugin() if plugin is None]
     if blocked:
         click.echo(f"disabled by {DISABLE_ENV}: {', '.join(sorted(blocked))}")
+    if not check:
+        return
+    try:
+        failures, services = run(_check(target, loaded))
+    except GmeshError as exc:
+        click.echo(f"chains not checked: {exc}")
+        return
+    if not failures:
+        click.echo(f"chains: every filter builds for the {services} services of the mesh")
+        return
+    click.echo(f"chains: {len(failures)} of {services} services refuse every call:")
+    for service, error in failures:
+        click.echo(f"  {service}: {error}")
+    sys.exit(1)
+
+
+async def _check(target: MeshTarget, loaded: Plugins) -> tuple[list[tuple[str, str]], int]:
+    """(service, why its chain fails) for every service whose chain does not build."""
+    from gmesh.discovery.catalog import Catalog
+    from gmesh.outbound.mesh import MeshState, compile_chain
+    from gmesh.store.connect import resolve_etcd
+    from gmesh.store.etcd import Store
+
+    config = await resolve_etcd(target.etcd, start_embedded=False, **target.options)
+    store = await Store.connect(config)
+    try:
+        await store.ping()
+        async with Catalog(store, target.keys, loaded.config_kinds()) as catalog:
+            snapshot = catalog.snapshot
+    finally:
+        await store.close()
+    factories = order(loaded.filter_factories())
+    mesh = MeshState(lambda: snapshot)
+    failures = []
+    for service in snapshot.services():
+        chain = compile_chain(snapshot, factories, service, mesh)
+        if chain.error is not None:
+            failures.append((service, chain.error))
+    return failures, len(snapshot.services())

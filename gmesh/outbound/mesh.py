@@ -7,7 +7,7 @@ the state plugins keep per service. One per outbound stack; never a process glob
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -20,6 +20,7 @@ from gmesh.routing.retry import RetryBudget, RetryStats
 from gmesh.stats.backend import StatsRegistry
 
 if TYPE_CHECKING:
+    from gmesh.chain.compose import PluginFactory, ServiceChain
     from gmesh.config.kinds import Resource
     from gmesh.config.service import ServiceSpec
     from gmesh.discovery.catalog import MeshSnapshot
@@ -87,6 +88,27 @@ class MeshState:
         self.budgets.pop(service, None)
         for key in [k for k in self._kept if k[0] == service]:
             del self._kept[key]
+
+
+def compile_chain(
+    snapshot: MeshSnapshot, factories: Sequence[PluginFactory], service: str, mesh: MeshState | None = None
+) -> ServiceChain:
+    """`service`'s chain as the data path compiles it, outside any stack (`gmesh explain`,
+    `gmesh plugins`): on a mesh state of its own unless one is given. `factories` in `order`."""
+    from gmesh.balancer.backends import service_spec
+    from gmesh.chain.compose import build_chain
+    from gmesh.routing.table import compile_table
+
+    mesh = mesh or MeshState(lambda: snapshot)
+    ctx = Build(
+        service,
+        snapshot,
+        service_spec(snapshot, service),
+        compile_table(service, snapshot),
+        mesh.backends,
+        mesh,
+    )
+    return build_chain(ctx, factories)
 
 
 @dataclass(slots=True)

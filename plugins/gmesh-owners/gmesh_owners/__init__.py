@@ -1,15 +1,18 @@
-"""gmesh-owners: an `Owner` config kind and a `gmesh owners` command (an example gmesh plugin)."""
+"""gmesh-owners: an `Owner` config kind, a chain filter that tags calls with their owning team, and
+a `gmesh owners` command — an example gmesh plugin to copy."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import click
 from pydantic import Field, field_validator
 
 from gmesh import hookimpl
+from gmesh.chain import BuildContext, Call, Filter, FilterFactory, Handler, Phase, outcome_of
 from gmesh.config.kinds import ConfigView, Kind, KindRegistry, Resource
 from gmesh.config.types import Name, SpecModel
 
@@ -53,6 +56,61 @@ OWNER = Kind(
 @hookimpl
 def gmesh_register_config_kinds(kinds: KindRegistry) -> None:
     kinds.add(OWNER)
+
+
+# --------------------------------------------------------------------------- a chain filter
+#
+# The template for a filter: a factory (built when a service is first called and when the
+# config changes, never per request) and the filter it builds (plain code, per call).
+
+#: Request metadata the filter adds: the team that owns the destination service.
+TEAM_HEADER = "x-owner-team"
+
+
+class TeamCounts:
+    """Calls per owned service and how many failed (the server's fault), kept across config
+    changes by `ctx.kept` (the factory builds a new filter each time; the counts stay)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.failed = 0
+
+
+class TagWithTeam:
+    """OBSERVE phase: adds `x-owner-team: <team>` to every call of an owned service, and counts
+    calls and failures for the team (with gmesh's one classification of outcomes)."""
+
+    def __init__(self, team: str, counts: TeamCounts) -> None:
+        self.header = (TEAM_HEADER, team)
+        self.counts = counts
+
+    async def __call__(self, call: Call[Any], next: Handler, /) -> Any:
+        call.metadata = (*call.metadata, self.header)
+        self.counts.calls += 1
+        try:
+            return await next(call)
+        except BaseException as exc:
+            if outcome_of(exc, call.committed).failed:
+                self.counts.failed += 1
+            raise
+
+
+class TagWithTeamFactory:
+    name = "owner-team"
+    phase = Phase.OBSERVE
+
+    def build(self, ctx: BuildContext) -> Filter | None:
+        for resource in ctx.resources("Owner").values():
+            spec = resource.spec
+            assert isinstance(spec, OwnerSpec)
+            if ctx.service in spec.services:
+                return TagWithTeam(spec.team, ctx.kept("owners.counts", TeamCounts))
+        return None  # not owned: this service's calls do not pay for the filter
+
+
+@hookimpl
+def gmesh_filter_factories() -> list[FilterFactory]:
+    return [TagWithTeamFactory()]
 
 
 @hookimpl
