@@ -47,6 +47,8 @@ _KINDS = {
     "ss": MethodKind.BIDI_STREAMING,
 }
 _OK = grpc.StatusCode.OK
+#: How long empty response headers of a retryable attempt wait to be told from a refusal.
+HEADER_GRACE = 0.005
 _CANCELLED = (grpc.StatusCode.CANCELLED, "Locally cancelled by application!", ())
 
 
@@ -100,9 +102,17 @@ async def forward_streaming(call: Call[StreamingCall]) -> None:
         compression=compression,
     )
     watch = StatusWatch(upstream, own_writes=sc._writes)
+    replaying = sc._writes and isinstance(sc._tape, WrittenTape) and call.attempts > 1
+    if replaying:
+        sc._replayed = asyncio.get_running_loop().create_future()  # the application's writes wait
     sc._publish(upstream, watch)
-    if sc._writes and isinstance(sc._tape, WrittenTape) and call.attempts > 1:
-        await _replay(sc._tape, upstream, watch)
+    if replaying:
+        assert isinstance(sc._tape, WrittenTape)
+        try:
+            await _replay(sc._tape, upstream, watch)
+        finally:
+            if sc._replayed is not None and not sc._replayed.done():
+                sc._replayed.set_result(None)
     try:
         code, details, trailing = await watch.final()
     except asyncio.CancelledError:
@@ -162,7 +172,11 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         #: set when the chain ended with an error: what the application gets
         self._error: CallError | None = None
         self._cancelled = False
+        #: while a new attempt is sent what was written so far, the application's writes wait
+        self._replayed: asyncio.Future[None] | None = None
         self._task = loop.create_task(self._run(timeout, metadata))
+        # However the chain ends — even cancelled before it ran — whoever waits for an attempt wakes.
+        self._task.add_done_callback(lambda _t: self._moved.set())
 
     # -- the chain ------------------------------------------------------------------------
 
@@ -247,6 +261,10 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
                 return None
             self._moved.clear()
             await self._moved.wait()
+
+    def _retrying(self) -> bool:
+        call = self._call
+        return call is not None and call.attempts > 0 and call.replayable and not self._committed
 
     def _aged(self) -> bool:
         """A cancel of the attempt came from the max-age timer (not from our caller)."""
@@ -338,6 +356,12 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
             if metadata:
                 self._commit()  # headers reached the application: no retry
                 return metadata
+            if not upstream.done() and self._retrying():
+                # Empty headers under a retry policy: a refusal (trailers only) looks the same
+                # until its status lands a moment later (as in the proxy's relay).
+                ended = asyncio.ensure_future(upstream.code())
+                await asyncio.wait((ended,), timeout=HEADER_GRACE)
+                ended.cancel()
             if not (upstream.done() and await upstream.code() != _OK):
                 return metadata
             following = await self._after(upstream)  # a refusal: the next attempt's headers
@@ -347,7 +371,13 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
 
     # -- writing ---------------------------------------------------------------------------
 
+    async def _replay_done(self) -> None:
+        replayed = self._replayed
+        if replayed is not None and not replayed.done():
+            await asyncio.shield(replayed)
+
     async def write(self, request: Any) -> None:
+        await self._replay_done()  # first what was written before, on a new attempt
         upstream = self._attempt or await self._first()
         tape = self._tape
         if isinstance(tape, WrittenTape) and not self._committed:
@@ -376,6 +406,7 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
                 watch.writing -= 1
 
     async def done_writing(self) -> None:
+        await self._replay_done()
         if isinstance(self._tape, WrittenTape):
             self._tape.half_closed = True
         upstream = self._attempt or await self._first()
