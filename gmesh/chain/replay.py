@@ -28,6 +28,10 @@ async def as_async(requests: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterato
             yield item
 
 
+class RequestStreamBroken(Exception):
+    """The caller's request stream failed (as opposed to ending): the call must fail too."""
+
+
 #: Request bytes one stream keeps for retries; beyond this, the call is no longer retried.
 REPLAY_LIMIT = 1024 * 1024
 #: Request bytes all streams of the process keep together (`gmesh proxy --replay-budget`).
@@ -80,7 +84,17 @@ def message_size(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], i
 class _Kept:
     """Messages kept for replay and their sizes, charged to the budget; released at commit."""
 
-    __slots__ = ("_base", "_budget", "_call", "_measure", "_messages", "_size", "_sizes", "keeping")
+    __slots__ = (
+        "_base",
+        "_budget",
+        "_call",
+        "_measure",
+        "_messages",
+        "_reader",
+        "_size",
+        "_sizes",
+        "keeping",
+    )
 
     def __init__(self, call: Call[Any], size: Callable[[Any], int], budget: ReplayBudget) -> None:
         self._call = call
@@ -89,6 +103,7 @@ class _Kept:
         self._messages: list[Any] = []
         self._sizes: list[int] = []
         self._base = 0  # absolute index of self._messages[0]
+        self._reader = 0  # absolute index of the next message the current reader takes
         self._size = 0
         #: False once the call can no longer be replayed: nothing more is kept
         self.keeping = True
@@ -114,6 +129,7 @@ class _Kept:
         self._budget.give(self._size)
         self._size = 0
         self._sizes = [0] * len(self._sizes)
+        self._drop_before(self._reader)  # what the current reader has passed goes at once
 
     def _drop_before(self, index: int) -> None:
         """Forget the messages before absolute `index` (the reader has passed them)."""
@@ -142,7 +158,7 @@ class RequestTape(_Kept):
     attempt reads at a time (the retry filter runs them one after another).
     """
 
-    __slots__ = ("_ended", "_error", "_iter", "_reading")
+    __slots__ = ("_closing", "_ended", "_error", "_iter", "_reading")
 
     def __init__(
         self,
@@ -156,11 +172,16 @@ class RequestTape(_Kept):
         self._ended = False
         self._error: BaseException | None = None
         self._reading: asyncio.Future[Any] | None = None
+        self._closing = False
 
     def _read_done(self, future: asyncio.Future[Any]) -> None:
         self._reading = None
         if future.cancelled():
             self._ended = True
+            if not self._closing:
+                # The request stream itself raised CancelledError: a broken stream, not its end
+                # (a retried call must not send the upstream a truncated request as complete).
+                self._error = RequestStreamBroken("the caller's request stream was cancelled")
             return
         error = future.exception()
         if error is not None:
@@ -179,6 +200,7 @@ class RequestTape(_Kept):
             if i - self._base < len(self._messages):
                 message = self._messages[i - self._base]
                 i += 1
+                self._reader = i
                 if not self.keeping:  # nothing is kept that no attempt will read again
                     self._drop_before(i)
                 yield message
@@ -203,6 +225,7 @@ class RequestTape(_Kept):
 
     def close(self) -> None:
         """The call is over: stop a read in flight and free everything."""
+        self._closing = True
         self.release()
         if self._reading is not None:
             self._reading.cancel()

@@ -8,8 +8,9 @@ a message write fails because the server already ended the call (say, UNIMPLEMEN
 while the client was still streaming requests). A moment later the status the server
 really sent arrives and overwrites it. Whoever reads the status in between relays the
 invented one. `StatusWatch` records every status the call reports (grpc.aio runs done
-callbacks each time it sets one) and answers with the last real one, waiting briefly
-for it when only the invented one has been seen and a write may have failed.
+callbacks when the call ends; the real status may land before the invented one or replace it
+later) and answers with the real one, waiting briefly for it when only the invented one has
+been seen and a write may have failed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -28,6 +30,8 @@ from gmesh.errors import SYNTHETIC_INTERNAL, CallError, Origin
 
 Status = tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]
 
+#: How often to look for the real status meanwhile (grpc.aio tells nothing when it lands).
+STATUS_POLL = 0.002
 #: How long to wait for the real status after grpc.aio invented an INTERNAL one.
 REAL_STATUS_WAIT = 2.0
 
@@ -90,14 +94,18 @@ class StatusWatch:
         status = self._current()
         if synthetic(status) and (self.write_failed or self.writing or not self.own_writes):
             # A write lost the race with the server's end (whoever wrote may not even have
-            # seen its failure yet); the real status is on the way.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(REAL_STATUS_WAIT):
-                    await self._event.wait()
-            real = [s for s in self.seen if not synthetic(s)]
-            if real:
-                return real[-1]
-            status = self._current()
+            # seen its failure yet); the real status is on the way. grpc.aio runs done
+            # callbacks once: when the real status replaces the invented one, nothing tells
+            # us, so look at the call every few ms (up to REAL_STATUS_WAIT).
+            deadline = time.monotonic() + REAL_STATUS_WAIT
+            while synthetic(status) and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STATUS_POLL):
+                        await self._event.wait()
+                real = [s for s in self.seen if not synthetic(s)]
+                if real:
+                    return real[-1]
+                status = self._current()
         return status
 
 
