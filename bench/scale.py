@@ -11,6 +11,8 @@ unused services must cost nothing). Then measures, printing each number:
    1,000 calls to `echo` — its CPU over `--idle` seconds of idleness (target <= 1% of a
    core), its RSS (target <= 100 MiB) and the TCP connections it holds to endpoints
    (target: only to `echo`'s, at most `--per-service`).
+   Then `--made-up` (100,000) calls to method names never used before, through the proxy:
+   its RSS before and after (target: grows <= 20 MiB), and a real call after them.
 2. A new `gmesh.aio.channel("gmesh:///echo")` in a fresh process: from creating it to its
    first answered call (target <= 300 ms; Python's own imports are not counted), `--runs`
    times; and a second channel in a process that already has one.
@@ -229,6 +231,47 @@ def run_json(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     return result
 
 
+async def made_up_names(address: str, count: int) -> tuple[float, str]:
+    """`count` unary calls, each to a method name never used before: a third naming the service
+    in `x-gmesh-service`, a third a known gRPC service with a made-up method, a third a made-up
+    gRPC service. 50 at a time. Seconds taken and the codes seen."""
+    import collections
+
+    import grpc
+    import grpc.aio
+
+    codes: collections.Counter[str] = collections.Counter()
+    async with grpc.aio.insecure_channel(address) as channel:
+
+        async def one(i: int) -> None:
+            if i % 3 == 0:
+                method, metadata = f"/made.up{i}.Svc/M", (("x-gmesh-service", "echo"),)
+            elif i % 3 == 1:
+                method, metadata = f"/gmesh.v1.Echo/Made{i}", ()
+            else:
+                method, metadata = f"/made.up{i}.Svc/M", ()
+            try:
+                await channel.unary_unary(method)(b"", metadata=metadata, timeout=10)
+                codes["OK"] += 1
+            except grpc.aio.AioRpcError as exc:
+                codes[exc.code().name] += 1
+
+        start = time.perf_counter()
+        for first in range(0, count, 50):
+            await asyncio.gather(*(one(i) for i in range(first, min(first + 50, count))))
+    return time.perf_counter() - start, ", ".join(f"{n:,} {c}" for c, n in codes.most_common())
+
+
+async def echo_once(address: str) -> str:
+    import grpc.aio
+
+    from gmesh.v1 import echo_pb2, echo_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.EchoRequest(message="x"), timeout=10)
+    return f"answered by {reply.server}"
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -312,6 +355,15 @@ def bench(args: argparse.Namespace) -> None:
                     f"  connections: {to_echo} to echo's {len(echo)} endpoints, {to_any - to_echo} to the "
                     f"{filler} endpoints of the other services (target: 0)"
                 )
+                if args.made_up:
+                    rss_before = rss_mib(proxy.pid)
+                    took, codes = asyncio.run(made_up_names(listen, args.made_up))
+                    served = asyncio.run(echo_once(listen))
+                    print(
+                        f"  {args.made_up:,} made-up method names through it ({codes}) in {took:.0f} s: "
+                        f"RSS {rss_before:.1f} -> {rss_mib(proxy.pid):.1f} MiB (target: grows <= 20), "
+                        f"then a real call: {served}"
+                    )
                 proxy.terminate()
                 proxy.wait(30)
                 proxy = None
@@ -364,6 +416,9 @@ def main() -> None:
     parser.add_argument("--per-service", type=int, default=100, help="endpoints of each (default 100)")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idleness measured (default 10)")
     parser.add_argument("--runs", type=int, default=5, help="fresh processes timing a first call (default 5)")
+    parser.add_argument(
+        "--made-up", type=int, default=100_000, help="made-up method names sent through the proxy (0: skip)"
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--first-call", nargs=2, metavar=("ETCD", "SERVICE"), help=argparse.SUPPRESS)
     parser.add_argument("--second", action="store_true", help=argparse.SUPPRESS)

@@ -75,6 +75,7 @@ async def forward_streaming(call: Call[StreamingCall]) -> None:
     conn = mesh.pool.get(call.endpoint)
     kind = multi._kind
     make = {"us": conn.unary_stream, "su": conn.stream_unary, "ss": conn.stream_stream}[kind]
+    known = sc._known
     if kind == "su":
         call.replayable = False  # see the module docstring
     retrying = call.attempts > 0 and call.replayable and not sc._committed
@@ -93,7 +94,7 @@ async def forward_streaming(call: Call[StreamingCall]) -> None:
     else:
         args = (request,)
     credentials, wait_for_ready, compression = sc._extra
-    upstream = make(call.method, multi._ser, multi._deser)(
+    upstream = make(call.method, multi._ser, multi._deser, known=known)(
         *args,
         timeout=call.upstream_timeout(),
         metadata=call.metadata or None,
@@ -174,6 +175,7 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         self._cancelled = False
         #: while a new attempt is sent what was written so far, the application's writes wait
         self._replayed: asyncio.Future[None] | None = None
+        self._known = False  # the method is one the service's endpoints reported (reflection)
         self._task = loop.create_task(self._run(timeout, metadata))
         # However the chain ends — even cancelled before it ran — whoever waits for an attempt wakes.
         self._task.add_done_callback(lambda _t: self._moved.set())
@@ -186,6 +188,7 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
             if mesh.outbound is None:
                 await mesh.ready_outbound()
             compiled = compiled_of(mesh)
+            self._known = self._multi._method in compiled.methods
             if timeout is None:
                 timeout = compiled.timeout
             assert mesh.pool is not None

@@ -69,7 +69,9 @@ async def forward_unary(call: Call[UnaryUnaryCall]) -> Any:
     multi = meshcall._multi
     mesh = multi._mesh
     assert call.endpoint is not None and mesh.pool is not None
-    mc = mesh.pool.get(call.endpoint).unary_unary(call.method, multi._ser, multi._deser)
+    mc = mesh.pool.get(call.endpoint).unary_unary(
+        call.method, multi._ser, multi._deser, known=meshcall._known
+    )
     credentials, wait_for_ready, compression = meshcall._extra
     upstream = mc(
         meshcall._request,
@@ -104,7 +106,9 @@ async def mirror_unary(call: Call[UnaryUnaryCall], endpoint: Endpoint) -> None:
     meshcall = call.downstream
     multi = meshcall._multi
     assert multi._mesh.pool is not None
-    mc = multi._mesh.pool.get(endpoint).unary_unary(call.method, multi._ser, multi._deser)
+    mc = multi._mesh.pool.get(endpoint).unary_unary(
+        call.method, multi._ser, multi._deser, known=meshcall._known
+    )
     await mc(meshcall._request, timeout=mirror_timeout(call), metadata=mirror_metadata(call.metadata))
 
 
@@ -131,6 +135,7 @@ class UnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
         self._started = False
         self._runner: asyncio.Task[Any] | None = None
         self._interrupted = False
+        self._known = False
         self._task: asyncio.Task[Any] | None = None
         self._deadline: float | None = None
         loop = asyncio.get_running_loop()
@@ -149,6 +154,8 @@ class UnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
             if mesh.outbound is None:
                 await mesh.ready_outbound()
             compiled = compiled_of(mesh)
+            # grpc-core keeps a registered method for the channel's lifetime: only reflected ones
+            self._known = self._multi._method in compiled.methods
             timeout = self._timeout if self._timeout is not None else compiled.timeout
             if timeout is not None:
                 self._deadline = time.monotonic() + timeout

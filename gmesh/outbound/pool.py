@@ -10,10 +10,10 @@ grpc's round_robin does), follows the service's endpoint set while it is in use,
 closes them when the service goes idle (`release`) or an endpoint leaves the mesh;
 calls already on a closing channel get `drain_timeout` to finish.
 
-Per-endpoint call objects (grpc multicallables) are cached per method, bounded (LRU): a
-caller sending endless made-up method names cannot grow them, and only methods known to
-the endpoint (from its reflection, or given as known by the caller) use grpc's
-registered-method path, which grpc-core keeps for the channel's lifetime.
+Per-endpoint call objects (grpc multicallables) are cached only for methods known to the
+endpoint (from its reflection), bounded (LRU); only those use grpc's registered-method path,
+which grpc-core keeps for the channel's lifetime. A method a caller made up gets a call object
+of its own, kept by nobody: endless made-up names cannot grow anything.
 """
 
 from __future__ import annotations
@@ -100,6 +100,10 @@ class EndpointConn:
         self._calls: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
 
     def _call(self, kind: str, method: str, ser: Any, deser: Any, known: bool) -> Any:
+        if not known:
+            # A method the endpoint never reported: a call object of its own, kept by nobody
+            # (a caller making up names must not fill a cache per endpoint).
+            return getattr(self.channel, kind)(method, ser, deser, _registered_method=False)
         key = (kind, method, ser, deser)
         calls = self._calls
         mc = calls.get(key)
@@ -107,7 +111,7 @@ class EndpointConn:
             calls.move_to_end(key)
             return mc
         make = getattr(self.channel, kind)
-        mc = calls[key] = make(method, ser, deser, _registered_method=known)
+        mc = calls[key] = make(method, ser, deser, _registered_method=True)
         if len(calls) > CALL_CACHE:
             calls.popitem(last=False)
         return mc
