@@ -18,7 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import grpc
 import grpc.aio
@@ -137,8 +137,10 @@ def _channel_target(config: EtcdConfig) -> tuple[str, str | None]:
 # --------------------------------------------------------------------------- data
 
 
-@dataclass(frozen=True, slots=True)
-class KeyValue:
+class KeyValue(NamedTuple):
+    """One key as etcd stores it. A named tuple, not a frozen dataclass: a catalog of 10,000
+    endpoints makes 10,000 of them on every full read, and this is 3x cheaper to create."""
+
     key: str
     value: bytes
     create_revision: int
@@ -427,7 +429,7 @@ class Store:
         kvs: list[KeyValue] = []
         key = start.encode()
         revision = 0
-        page = 1000
+        page = 5000  # a few large pages: each costs a round trip
         while True:
 
             async def read(key: bytes = key, revision: int = revision) -> Any:
