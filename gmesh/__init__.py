@@ -28,4 +28,8 @@ def __getattr__(name: str) -> Any:
         from gmesh.discovery import registry
 
         return getattr(registry, name)
+    if name == "metrics":
+        import gmesh.metrics
+
+        return gmesh.metrics
     raise AttributeError(f"module 'gmesh' has no attribute {name!r}")

@@ -40,6 +40,8 @@ BUILTINS: dict[str, str] = {
     "retry": "gmesh.plugins.retry",
     "stats": "gmesh.plugins.stats",
     "breaker": "gmesh.plugins.breaker",
+    "metrics": "gmesh.plugins.metrics",
+    "tracing": "gmesh.plugins.tracing",
 }
 #: Built-ins gmesh cannot work without; GMESH_DISABLE_PLUGINS cannot remove them.
 ESSENTIAL = frozenset({"service", "balancer"})

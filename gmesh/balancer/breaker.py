@@ -18,13 +18,15 @@ from gmesh.errors import CallError
 class BreakerState:
     """Calls and retries in flight to one service, and the calls waiting for a slot."""
 
-    __slots__ = ("active", "rejected", "retries", "service", "waiting")
+    __slots__ = ("active", "endpoint_rejected", "rejected", "retries", "service", "waiting")
 
     def __init__(self, service: str = "") -> None:
         self.service = service
         self.active = 0
         self.retries = 0
         self.rejected = 0
+        #: attempts failed fast because every endpoint tried was at maxRequestsPerEndpoint
+        self.endpoint_rejected = 0
         self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def acquire(self, max_requests: int, max_pending: int, timeout: float | None) -> None:
@@ -80,4 +82,5 @@ class BreakerState:
             "waiting": len(self.waiting),
             "retries": self.retries,
             "rejected": self.rejected,
+            "endpointRejected": self.endpoint_rejected,
         }

@@ -30,6 +30,8 @@ class OutlierDetector:
         self.registry = states
         self.spec: Any = None
         self.endpoints: tuple[str, ...] = ()
+        #: ejections so far (a counter for metrics; never reset)
+        self.ejected_total = 0
         self._sweep: asyncio.TimerHandle | None = None
         self._returns: set[asyncio.TimerHandle] = set()
 
@@ -72,6 +74,7 @@ class OutlierDetector:
         state.ejections += 1
         length = min(spec.base_ejection_time * state.ejections, spec.max_ejection_time)
         state.ejected_until = now + length
+        self.ejected_total += 1
         state.consecutive_errors = 0
         log.warning("ejected %s of %s for %.1fs: %s", state.address, self.service, length, why)
         handle: asyncio.TimerHandle | None = None

@@ -121,6 +121,10 @@ class EndpointStates:
             state = self.states[key] = EndpointState(service, address)
         return state
 
+    def all(self) -> list[EndpointState]:
+        """Every endpoint state (a copy: safe to read from another thread, e.g. a metrics scrape)."""
+        return list(self.states.values())
+
     def of_service(self, service: str, addresses: Iterable[str]) -> list[EndpointState]:
         """The states of `service`'s endpoints at `addresses` (those not created yet are not made)."""
         found = []

@@ -1,7 +1,7 @@
 """The filter chain: `Call`, the filter contract and phases, composition per service, and the
 helpers filters use (metadata, outcomes)."""
 
-from gmesh.chain.call import Call, Caller
+from gmesh.chain.call import Call, Caller, Door
 from gmesh.chain.compose import PluginFactory, ServiceChain, build_chain, compose
 from gmesh.chain.filter import BuildContext, Filter, FilterFactory, Handler, Phase
 from gmesh.chain.metadata import Metadata, metadata_value, metadata_values
@@ -12,6 +12,7 @@ __all__ = [
     "Call",
     "CallError",
     "Caller",
+    "Door",
     "Filter",
     "FilterFactory",
     "Handler",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Container
+from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from gmesh.chain.metadata import Metadata, metadata_value
@@ -37,6 +38,24 @@ class Caller:
 ANONYMOUS = Caller()
 
 
+class Meter:
+    """Where a front door adds the stream messages of a call as they pass (per method, set by
+    the metrics filter in `Call.meter`), so counts stay right while the caller still reads."""
+
+    __slots__ = ("received", "sent")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+
+
+class Door(IntEnum):
+    """How a call entered gmesh: through `gmesh proxy`, or a `gmesh:///` channel in the app."""
+
+    PROXY = 0
+    CHANNEL = 1
+
+
 class Call(Generic[D]):
     """One RPC in flight.
 
@@ -48,6 +67,10 @@ class Call(Generic[D]):
     after that); `stash` is a dict for filters to share per-call state (created on first
     use). `wait_for_ready`: the caller would rather wait (up to its deadline) for an
     endpoint than fail at once when there is none.
+
+    `door`: how the call came in (`Door`). `sent` and `received` count the stream messages
+    the caller sent and got (front doors count them; a replayed request is counted once),
+    and add them to `meter` too when a filter set one.
 
     `forward` is the front door's terminal step (proxy relay or in-process channel call);
     the chain's last handler calls it, with `downstream`, the front door's own per-call
@@ -69,17 +92,22 @@ class Call(Generic[D]):
         "caller",
         "committed",
         "deadline",
+        "door",
         "down",
         "downstream",
         "endpoint",
         "forward",
         "kind",
         "metadata",
+        "meter",
         "method",
         "mirror",
+        "received",
         "replayable",
         "route",
+        "sent",
         "service",
+        "span",
         "started",
         "tried",
         "wait_for_ready",
@@ -100,6 +128,7 @@ class Call(Generic[D]):
         replayable: bool = False,
         mirror: Callable[[Call[D], Endpoint], Awaitable[Any]] | None = None,
         wait_for_ready: bool = False,
+        door: Door = Door.CHANNEL,
     ) -> None:
         self.method = method
         self.metadata = metadata
@@ -120,6 +149,12 @@ class Call(Generic[D]):
         self.mirror = mirror
         self.wait_for_ready = wait_for_ready
         self.started = time.monotonic()
+        self.door = door
+        self.sent = 0
+        self.received = 0
+        self.meter: Meter | None = None
+        #: the call's trace span when it is traced (parent of its attempts' spans), else None
+        self.span: Any = None
         self._stash: dict[str, Any] | None = None
 
     @property

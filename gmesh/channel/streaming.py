@@ -82,17 +82,19 @@ async def forward_streaming(call: Call[StreamingCall]) -> None:
     request = sc._request
     if kind == "us":
         args: tuple[Any, ...] = (request,)
+        if not call.sent:
+            _sent(call)
     elif sc._writes:
         args = ()
         if retrying and sc._tape is None:
             sc._tape = WrittenTape(call, message_size(multi._ser))
     elif retrying:
         if sc._tape is None:
-            sc._tape = RequestTape(as_async(request), call, message_size(multi._ser))
+            sc._tape = RequestTape(_counted(request, call), call, message_size(multi._ser))
         assert isinstance(sc._tape, RequestTape)
         args = (sc._tape.messages(),)
     else:
-        args = (request,)
+        args = (request if call.meter is None else _counted(request, call),)
     credentials, wait_for_ready, compression = sc._extra
     upstream = make(call.method, multi._ser, multi._deser, known=known)(
         *args,
@@ -130,6 +132,28 @@ async def forward_streaming(call: Call[StreamingCall]) -> None:
         return
     initial = upstream.initial_metadata()
     raise UpstreamError(code, details, tuple(trailing), initial_metadata=tuple(await initial or ()))
+
+
+def _sent(call: Call[Any]) -> None:
+    call.sent += 1
+    meter = call.meter
+    if meter is not None:
+        meter.sent += 1
+
+
+def _received(call: Call[Any] | None) -> None:
+    if call is not None:
+        call.received += 1
+        meter = call.meter
+        if meter is not None:
+            meter.received += 1
+
+
+async def _counted(requests: Any, call: Call[Any]) -> AsyncIterator[Any]:
+    """The application's request iterator, each message counted once as it is taken."""
+    async for message in as_async(requests):
+        _sent(call)
+        yield message
 
 
 async def _replay(tape: WrittenTape, upstream: Any, watch: StatusWatch) -> None:
@@ -343,6 +367,7 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
                 return message
             if not self._committed:
                 self._commit()
+            _received(self._call)
             return message
 
     async def initial_metadata(self) -> grpc.aio.Metadata:
@@ -382,6 +407,8 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
     async def write(self, request: Any) -> None:
         await self._replay_done()  # first what was written before, on a new attempt
         upstream = self._attempt or await self._first()
+        if self._call is not None:
+            _sent(self._call)
         tape = self._tape
         if isinstance(tape, WrittenTape) and not self._committed:
             tape.record(request)  # a retry sends it again
@@ -446,6 +473,7 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
             await self._final()
             raise self._final_error() from None
         self._commit()
+        _received(self._call)
         return response
 
     # -- status ----------------------------------------------------------------------------

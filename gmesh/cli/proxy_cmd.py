@@ -34,6 +34,13 @@ def parse_size(text: str) -> int:
     help="HOST:PORT for health, reflection and config dump ('' to disable)",
 )
 @click.option(
+    "--metrics",
+    default="",
+    metavar="HOST:PORT",
+    help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (with --workers N, "
+    "worker i serves PORT+i) [default: off]",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     default=1,
@@ -116,6 +123,7 @@ def proxy(
     target: MeshTarget,
     listen: str,
     admin: str,
+    metrics: str,
     workers: int,
     drain_timeout: float,
     drain_delay: float,
@@ -147,6 +155,8 @@ def proxy(
     parse_address(listen)
     if admin:
         parse_address(admin)
+    if metrics:
+        parse_address(metrics)
     max_bytes = parse_size(max_message_size)
     budget = parse_size(replay_budget)
     labels = dict(parse_label(text) for text in caller_labels)
@@ -162,6 +172,7 @@ def proxy(
         settings = ProxySettings(
             listen=listen,
             admin=admin or None,
+            metrics=metrics or None,
             etcd=etcd,
             keys=target.keys,
             drain_timeout=drain_timeout,
@@ -184,6 +195,7 @@ def proxy(
             info = p.info()
             click.echo(
                 f"gmesh proxy listening on {info['address']} (admin {info['admin'] or 'off'}, "
+                f"metrics {(info['metrics'] and 'http://' + info['metrics'] + '/metrics') or 'off'}, "
                 f"worker {index}, pid {info['pid']}), "
                 f"serving revision {info['revision']} from {info['source']}",
                 err=True,

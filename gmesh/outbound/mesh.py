@@ -18,6 +18,7 @@ from gmesh.balancer.outlier import OutlierDetector
 from gmesh.balancer.state import EndpointStates
 from gmesh.routing.retry import RetryBudget, RetryStats
 from gmesh.stats.backend import StatsRegistry
+from gmesh.stats.metrics import MeshMetrics
 
 if TYPE_CHECKING:
     from gmesh.chain.compose import PluginFactory, ServiceChain
@@ -48,6 +49,7 @@ class MeshState:
         self.breakers: dict[str, BreakerState] = {}
         self.budgets: dict[str, tuple[RetryBudget, RetryStats]] = {}
         self.stats = StatsRegistry()
+        self.metrics = MeshMetrics(self)
         self._kept: dict[tuple[str, str], Any] = {}
 
     def breaker(self, service: str) -> BreakerState:
@@ -86,6 +88,7 @@ class MeshState:
         """`service` left the mesh: drop what was kept for it."""
         self.breakers.pop(service, None)
         self.budgets.pop(service, None)
+        self.metrics.forget(service)
         for key in [k for k in self._kept if k[0] == service]:
             del self._kept[key]
 

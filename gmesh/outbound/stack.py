@@ -39,6 +39,7 @@ from gmesh.outbound.health import HealthChecks
 from gmesh.outbound.mesh import Build, MeshState
 from gmesh.outbound.pool import EndpointConn, EndpointPool, Profile
 from gmesh.routing.table import compile_table
+from gmesh.stats.metrics import known_methods
 from gmesh.stats.publish import StatsPublisher
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ class Outbound:
         if self.closed:
             return
         self.closed = True
+        self.mesh.metrics.close()
         if self._unsubscribe is not None:
             self._unsubscribe()
         if self._sweeper is not None:
@@ -217,16 +219,18 @@ class Outbound:
         snapshot = self.snapshot
         spec = service_spec(snapshot, service)
         ctx = Build(service, snapshot, spec, compile_table(service, snapshot), self.backends, self.mesh)
+        methods = _methods(snapshot, service)
         compiled = CompiledService(
             service,
             build_chain(ctx, self.factories),
             spec.timeout if spec is not None else None,
             spec.max_stream_age if spec is not None else None,
-            _methods(snapshot, service),
+            methods,
             snapshot.revision,
         )
         if keep:
             self.services[service] = compiled
+            self.mesh.metrics.set_known(service, known_methods(snapshot, service, methods))
         return compiled
 
     def _on_snapshot(self, new: MeshSnapshot) -> None:
@@ -249,9 +253,9 @@ class Outbound:
                 self._compile(service)
                 recompiled += 1
             elif not same_endpoints(old, new, service):
-                self.services[service] = replace(
-                    compiled, methods=_methods(new, service), revision=new.revision
-                )
+                methods = _methods(new, service)
+                self.services[service] = replace(compiled, methods=methods, revision=new.revision)
+                self.mesh.metrics.set_known(service, known_methods(new, service, methods))
         touched = [
             s
             for s in self.backends.active

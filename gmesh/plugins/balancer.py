@@ -29,6 +29,7 @@ from gmesh.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from gmesh.discovery.endpoint import Endpoint
+    from gmesh.outbound.mesh import MeshState
 
 _UNARY = MethodKind.UNARY
 
@@ -49,9 +50,10 @@ def _waited_too_long(key: BackendKey) -> CallError:
 class Balance:
     """Sets `call.endpoint` from the picker of the call's backend and counts the attempt there."""
 
-    __slots__ = ("backends", "default")
+    __slots__ = ("backends", "default", "mesh")
 
-    def __init__(self, service: str, backends: Backends) -> None:
+    def __init__(self, service: str, backends: Backends, mesh: MeshState) -> None:
+        self.mesh = mesh
         self.default: BackendKey = (service, None)
         self.backends = backends
 
@@ -107,6 +109,7 @@ class Balance:
                 limit = backend.per_endpoint
                 state = backend.states.get(first.address)
                 if limit is not None and state is not None and state.inflight >= limit:
+                    self.mesh.breaker(backend.key[0]).endpoint_rejected += 1
                     raise CallError(
                         grpc.StatusCode.UNAVAILABLE,
                         f"gmesh: circuit breaker: the endpoints of {backend.describe()} tried have "
@@ -152,7 +155,7 @@ class BalanceFactory:
     phase = Phase.BALANCE
 
     def build(self, ctx: BuildContext) -> Filter | None:
-        return Balance(ctx.service, ctx.backends)
+        return Balance(ctx.service, ctx.backends, ctx.mesh)
 
 
 @hookimpl(trylast=True)

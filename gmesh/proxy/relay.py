@@ -192,7 +192,7 @@ async def forward_stream(call: Call[ProxyStream]) -> None:
     )
     stream.upstream = upstream
     status = StatusWatch(upstream)
-    pump = asyncio.get_running_loop().create_task(_pump(source, upstream, status, stream))
+    pump = asyncio.get_running_loop().create_task(_pump(source, upstream, status, stream, call))
     first: asyncio.Future[Any] | None = None
     aged = stream.max_age
     initial: Metadata = ()
@@ -231,6 +231,10 @@ async def forward_stream(call: Call[ProxyStream]) -> None:
                 raise
             if message is grpc.aio.EOF:
                 break
+            call.received += 1
+            meter = call.meter
+            if meter is not None:
+                meter.received += 1
             await context.write(message)
         code, details, trailing = await status.final()
     finally:
@@ -264,10 +268,17 @@ def _commit(call: Call[ProxyStream], stream: ProxyStream) -> None:
 
 
 async def _pump(
-    source: AsyncIterator[bytes], upstream: Any, status: StatusWatch, stream: ProxyStream
+    source: AsyncIterator[bytes], upstream: Any, status: StatusWatch, stream: ProxyStream, call: Call[Any]
 ) -> None:
+    sent = 0
     try:
         async for message in source:
+            sent += 1
+            if sent > call.sent:  # a retry's replay is not counted again
+                call.sent = sent
+                meter = call.meter
+                if meter is not None:
+                    meter.sent += 1
             status.writing += 1
             try:
                 await upstream.write(message)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import gmesh.metrics
 from gmesh.chain.replay import REPLAY_BUDGET
 from gmesh.discovery.keys import MeshKeys
 from gmesh.discovery.lease import LeasedKey
@@ -40,6 +41,7 @@ from gmesh.outbound.pool import EndpointPool, Profile
 from gmesh.outbound.stack import Outbound
 from gmesh.proxy.admin import AdminServer
 from gmesh.proxy.server import ProxyServer
+from gmesh.stats import traces
 from gmesh.store.etcd import EtcdConfig
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class ProxySettings:
     idle_timeout: float | None = None
     #: bytes all retried streams of the process may keep for replay (None: the default)
     replay_budget: int | None = None
+    #: HOST:PORT of the Prometheus `/metrics` HTTP endpoint (None: off); worker i adds i to the port
+    metrics: str | None = None
 
 
 class RunningProxy:
@@ -84,6 +88,7 @@ class RunningProxy:
         self.pool: EndpointPool
         self.server: ProxyServer
         self.admin: AdminServer | None = None
+        self.metrics: gmesh.metrics.MetricsServer | None = None
         self.record: LeasedKey | None = None
         self.id = ""
         self.serving = False
@@ -105,6 +110,7 @@ class RunningProxy:
             "id": self.id,
             "address": self.server.address,
             "admin": self.admin.address if self.admin else "",
+            "metrics": self.metrics.address if self.metrics else "",
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "worker": self.settings.worker,
@@ -122,6 +128,8 @@ class RunningProxy:
             check_free(s.listen)
         if s.replay_budget is not None:
             REPLAY_BUDGET.limit = s.replay_budget
+        if traces.configure_from_env("gmesh-proxy"):
+            log.info("exporting traces to the OTLP collector the OTEL_* variables name")
         self.outbound = await stack.acquire(
             s.etcd,
             s.keys,
@@ -147,7 +155,13 @@ class RunningProxy:
             if s.admin:
                 self.admin = AdminServer(self.outbound, s.admin, self.info, reuse_port=reuse)
                 await self.admin.start()
+            if s.metrics:
+                host, _, port_text = s.metrics.rpartition(":")
+                metrics_port = int(port_text) + s.worker if int(port_text) else 0
+                self.metrics = gmesh.metrics.serve(metrics_port, host, gmesh.metrics.process_registry())
         except BaseException:
+            if self.admin is not None:
+                await self.admin.stop()
             await stack.release(self.outbound)
             raise
         self._unlisten = self.outbound.on_change(self._state_changed)
@@ -218,8 +232,11 @@ class RunningProxy:
         await self.server.stop(grace)
         if self.admin is not None:
             await self.admin.stop()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
         await self.outbound.release_pool(self.pool, 0)
         await stack.release(self.outbound)
+        await asyncio.to_thread(traces.flush)
 
 
 def check_free(listen: str) -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from gmesh.chain.call import Call, Caller
+from gmesh.chain.call import Call, Caller, Door
 from gmesh.discovery.endpoint import MethodKind
 from gmesh.errors import AddressInUse, CallError
 from gmesh.proxy.relay import (
@@ -189,6 +189,7 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
                 replayable=True,  # unary: the request is in hand; streams: RequestTape
                 mirror=mirror_unary if kind is MethodKind.UNARY else None,
                 wait_for_ready=wait,
+                door=Door.PROXY,
             )
             return compiled, call
 

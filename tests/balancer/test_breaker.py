@@ -202,14 +202,14 @@ async def test_a_slot_handed_to_a_waiter_cancelled_in_the_same_turn_is_not_leake
     state = await _release_and_cancel_in_one_turn(release_first=True)
     assert state.active == 0
     assert len(state.waiting) == 0
-    assert state.describe() == {"active": 0, "waiting": 0, "retries": 0, "rejected": 0}
+    assert state.describe() == {"active": 0, "waiting": 0, "retries": 0, "rejected": 0, "endpointRejected": 0}
 
 
 async def test_a_waiter_cancelled_just_before_a_release_in_the_same_turn_leaks_no_slot() -> None:
     state = await _release_and_cancel_in_one_turn(release_first=False)
     assert state.active == 0
     assert len(state.waiting) == 0
-    assert state.describe() == {"active": 0, "waiting": 0, "retries": 0, "rejected": 0}
+    assert state.describe() == {"active": 0, "waiting": 0, "retries": 0, "rejected": 0, "endpointRejected": 0}
 
 
 async def test_a_slot_handed_to_a_cancelled_waiter_passes_on_to_the_next_in_line() -> None:
@@ -320,16 +320,16 @@ async def test_two_hundred_callers_some_cancelled_leave_no_slot_and_no_waiter_be
 # --------------------------------------------------------------------------- describe
 
 
-async def test_describe_reports_the_four_counts() -> None:
+async def test_describe_reports_the_five_counts() -> None:
     state = BreakerState("orders")
-    assert state.describe() == {"active": 0, "waiting": 0, "retries": 0, "rejected": 0}
+    assert state.describe() == {"active": 0, "waiting": 0, "retries": 0, "rejected": 0, "endpointRejected": 0}
     await held(state, 2, 2)
     state.retries = 3
     waiter = asyncio.ensure_future(state.acquire(2, 1, None))
     await turns_until(lambda: len(state.waiting) == 1)
     with pytest.raises(CallError):
         await state.acquire(2, 1, None)
-    assert state.describe() == {"active": 2, "waiting": 1, "retries": 3, "rejected": 1}
+    assert state.describe() == {"active": 2, "waiting": 1, "retries": 3, "rejected": 1, "endpointRejected": 0}
     state.release()
     await waiter
-    assert state.describe() == {"active": 2, "waiting": 0, "retries": 3, "rejected": 1}
+    assert state.describe() == {"active": 2, "waiting": 0, "retries": 3, "rejected": 1, "endpointRejected": 0}

@@ -130,7 +130,12 @@ async def test_admin_port_health_reflection_and_config_dump(
     assert dump["connected"] is True and dump["source"] == "etcd"
     echo = dump["services"]["echo"]
     assert [e["address"] for e in echo["endpoints"]] == [upstream.address]
-    assert echo["grpcServices"] == ["gmesh.v1.Echo"] and echo["chain"] == ["balance", "forward"]
+    assert echo["grpcServices"] == ["gmesh.v1.Echo"] and echo["chain"] == [
+        "metrics",
+        "metrics-attempts",
+        "balance",
+        "forward",
+    ]
     assert dump["proxy"]["address"] == proxy.address
 
 
