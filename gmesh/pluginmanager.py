@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from gmesh.chain.compose import PluginFactory
     from gmesh.chain.filter import FilterFactory
+    from gmesh.stats.edits import TelemetryEdits
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ BUILTINS: dict[str, str] = {
     "breaker": "gmesh.plugins.breaker",
     "metrics": "gmesh.plugins.metrics",
     "tracing": "gmesh.plugins.tracing",
+    "accesslog": "gmesh.plugins.accesslog",
 }
 #: Built-ins gmesh cannot work without; GMESH_DISABLE_PLUGINS cannot remove them.
 ESSENTIAL = frozenset({"service", "balancer"})
@@ -139,6 +141,14 @@ class Plugins:
             given = cast("list[FilterFactory]", impl.function())
             by_plugin.setdefault(impl.plugin_name, []).extend(given)
         return by_plugin
+
+    def telemetry_edits(self) -> TelemetryEdits:
+        """Every plugin's metadata redactors and access log fields, in plugin call order."""
+        from gmesh.stats.edits import TelemetryEdits
+
+        redact = [f for found in self.pm.hook.gmesh_redact_metadata()[::-1] for f in found or ()]
+        fields = [f for found in self.pm.hook.gmesh_access_log_fields()[::-1] for f in found or ()]
+        return TelemetryEdits(tuple(redact), tuple(fields))
 
     def register_commands(self, cli: click.Group) -> None:
         self.pm.hook.gmesh_register_commands(cli=cli)

@@ -70,7 +70,8 @@ class Call(Generic[D]):
 
     `door`: how the call came in (`Door`). `sent` and `received` count the stream messages
     the caller sent and got (front doors count them; a replayed request is counted once),
-    and add them to `meter` too when a filter set one.
+    and add them to `meter` too when a filter set one; `sent_bytes` and `received_bytes`
+    their bytes, where the door relays bytes (the proxy; 0 in a channel).
 
     `forward` is the front door's terminal step (proxy relay or in-process channel call);
     the chain's last handler calls it, with `downstream`, the front door's own per-call
@@ -103,9 +104,11 @@ class Call(Generic[D]):
         "method",
         "mirror",
         "received",
+        "received_bytes",
         "replayable",
         "route",
         "sent",
+        "sent_bytes",
         "service",
         "span",
         "started",
@@ -153,6 +156,9 @@ class Call(Generic[D]):
         self.sent = 0
         self.received = 0
         self.meter: Meter | None = None
+        #: message bytes each way, where the front door sees bytes (the proxy)
+        self.sent_bytes = 0
+        self.received_bytes = 0
         #: the call's trace span when it is traced (parent of its attempts' spans), else None
         self.span: Any = None
         self._stash: dict[str, Any] | None = None

@@ -41,6 +41,13 @@ def parse_size(text: str) -> int:
     "worker i serves PORT+i) [default: off]",
 )
 @click.option(
+    "--access-log",
+    default=None,
+    metavar="FILE",
+    help="where access log lines go ('-' for stderr), for services whose Telemetry turns the access "
+    "log on [default: GMESH_ACCESS_LOG, else stderr]",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     default=1,
@@ -124,6 +131,7 @@ def proxy(
     listen: str,
     admin: str,
     metrics: str,
+    access_log: str | None,
     workers: int,
     drain_timeout: float,
     drain_delay: float,
@@ -173,6 +181,7 @@ def proxy(
             listen=listen,
             admin=admin or None,
             metrics=metrics or None,
+            access_log=access_log,
             etcd=etcd,
             keys=target.keys,
             drain_timeout=drain_timeout,

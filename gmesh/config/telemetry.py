@@ -21,12 +21,13 @@ spec:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from pydantic import Field
 
 from gmesh.config.kinds import ConfigView, Kind, Resource
-from gmesh.config.types import Name, SpecModel
+from gmesh.config.types import MetadataKey, Name, SpecModel
 
 
 class MetricsSpec(SpecModel):
@@ -43,6 +44,23 @@ class TracingSpec(SpecModel):
     sample_percent: float = Field(
         default=1.0, ge=0, le=100, description="Share of calls that start a trace to sample, in percent."
     )
+    headers: list[MetadataKey] = Field(
+        default_factory=list,
+        description="Request metadata keys to record on the call's span as "
+        "rpc.grpc.request.metadata.<key> (after redaction).",
+    )
+
+
+class AccessLogSpec(SpecModel):
+    """One JSON line per call (docs/access-log.md): off unless enabled."""
+
+    enabled: bool = Field(default=False, description="Log calls to the service.")
+    sample_percent: float = Field(
+        default=100.0, ge=0, le=100, description="Share of calls logged, in percent."
+    )
+    headers: list[MetadataKey] = Field(
+        default_factory=list, description="Request metadata keys to include in each line (after redaction)."
+    )
 
 
 class TelemetrySpec(SpecModel):
@@ -53,6 +71,7 @@ class TelemetrySpec(SpecModel):
     )
     metrics: MetricsSpec | None = Field(default=None, description="Golden metrics (on unless disabled).")
     tracing: TracingSpec | None = Field(default=None, description="OpenTelemetry traces of calls.")
+    access_log: AccessLogSpec | None = Field(default=None, description="JSON lines, one per call.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +82,11 @@ class TelemetrySettings:
     tracing: bool = True
     #: share (0..1) of calls that start a trace to sample
     sample_ratio: float = 0.01
+    #: request metadata keys recorded on call spans
+    trace_headers: frozenset[str] = frozenset()
+    access_log: bool = False
+    access_log_ratio: float = 1.0
+    access_log_headers: frozenset[str] = frozenset()
 
 
 DEFAULT = TelemetrySettings()
@@ -80,19 +104,31 @@ def telemetry_of(resources: Mapping[str, Resource], service: str) -> TelemetrySe
             mesh_wide = found
         elif found.service == service:
             own = found
-    metrics, tracing, ratio = DEFAULT.metrics, DEFAULT.tracing, DEFAULT.sample_ratio
+    settings = DEFAULT
     for spec in (mesh_wide, own):
         if spec is None:
             continue
+        changes: dict[str, Any] = {}
         if spec.metrics is not None and "enabled" in spec.metrics.model_fields_set:
-            metrics = spec.metrics.enabled
+            changes["metrics"] = spec.metrics.enabled
         if spec.tracing is not None:
             given = spec.tracing.model_fields_set
             if "enabled" in given:
-                tracing = spec.tracing.enabled
+                changes["tracing"] = spec.tracing.enabled
             if "sample_percent" in given:
-                ratio = spec.tracing.sample_percent / 100
-    return TelemetrySettings(metrics=metrics, tracing=tracing, sample_ratio=ratio)
+                changes["sample_ratio"] = spec.tracing.sample_percent / 100
+            if "headers" in given:
+                changes["trace_headers"] = frozenset(spec.tracing.headers)
+        if spec.access_log is not None:
+            given = spec.access_log.model_fields_set
+            if "enabled" in given:
+                changes["access_log"] = spec.access_log.enabled
+            if "sample_percent" in given:
+                changes["access_log_ratio"] = spec.access_log.sample_percent / 100
+            if "headers" in given:
+                changes["access_log_headers"] = frozenset(spec.access_log.headers)
+        settings = replace(settings, **changes)
+    return settings
 
 
 def _check(resource: Resource, view: ConfigView) -> Iterator[tuple[tuple[str | int, ...], str]]:
@@ -110,13 +146,18 @@ def _summary(spec: TelemetrySpec) -> str:
         if spec.tracing is None
         else (f"{spec.tracing.sample_percent:g}%" if spec.tracing.enabled else "off")
     )
-    return f"service={spec.service or '*'} metrics={metrics} tracing={tracing}"
+    logged = (
+        "default"
+        if spec.access_log is None
+        else (f"{spec.access_log.sample_percent:g}%" if spec.access_log.enabled else "off")
+    )
+    return f"service={spec.service or '*'} metrics={metrics} tracing={tracing} accessLog={logged}"
 
 
 TELEMETRY = Kind(
     name="Telemetry",
     spec=TelemetrySpec,
-    description="What gmesh records about calls (metrics, traces), mesh-wide or per service.",
+    description="What gmesh records about calls (metrics, traces, access log), mesh-wide or per service.",
     aliases=("tel",),
     check=_check,
     summary=_summary,

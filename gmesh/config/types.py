@@ -81,6 +81,20 @@ Name = Annotated[
 ]
 """A DNS label: service, resource and subset names."""
 
+_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+
+
+def _metadata_key_problem(key: str) -> str | None:
+    if not _METADATA_KEY.fullmatch(key):
+        return f"metadata key {key!r} must be lowercase letters, digits, '-', '_' or '.'"
+    return None
+
+
+MetadataKey = Annotated[
+    str, _check(_metadata_key_problem), WithJsonSchema({"type": "string", "pattern": r"^[0-9a-z_.-]+$"})
+]
+"""A gRPC request metadata key as gRPC carries it: lowercase."""
+
 LabelKey = Annotated[str, _check(label_key_problem)]
 LabelValue = Annotated[str, _check(label_value_problem)]
 Labels = dict[LabelKey, LabelValue]

@@ -18,6 +18,7 @@ from gmesh.balancer.outlier import OutlierDetector
 from gmesh.balancer.state import EndpointStates
 from gmesh.routing.retry import RetryBudget, RetryStats
 from gmesh.stats.backend import StatsRegistry
+from gmesh.stats.edits import NO_EDITS, TelemetryEdits
 from gmesh.stats.metrics import MeshMetrics
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class MeshState:
         snapshot: Callable[[], MeshSnapshot],
         *,
         on_activate: Callable[[str], None] | None = None,
+        edits: TelemetryEdits = NO_EDITS,
     ) -> None:
         self.states = EndpointStates()
         self.detectors: dict[str, OutlierDetector] = {}
@@ -50,6 +52,8 @@ class MeshState:
         self.budgets: dict[str, tuple[RetryBudget, RetryStats]] = {}
         self.stats = StatsRegistry()
         self.metrics = MeshMetrics(self)
+        #: plugins' metadata redactors and access log fields (telemetry filters read them)
+        self.edits = edits
         self._kept: dict[tuple[str, str], Any] = {}
 
     def breaker(self, service: str) -> BreakerState:

@@ -100,7 +100,9 @@ class Outbound:
         self.factories: list[PluginFactory] = order(plugins.filter_factories())
         #: the snapshot everything below was built from
         self.snapshot = MeshSnapshot()
-        self.mesh = MeshState(lambda: self.snapshot, on_activate=self._activate)
+        self.mesh = MeshState(
+            lambda: self.snapshot, on_activate=self._activate, edits=plugins.telemetry_edits()
+        )
         self.backends = self.mesh.backends
         #: compiled services (those called, or asked about), by name; read per call
         self.services: dict[str, CompiledService] = {}

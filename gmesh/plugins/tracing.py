@@ -29,6 +29,7 @@ from gmesh.chain.filter import BuildContext, Filter, FilterFactory, Handler, Pha
 from gmesh.config.telemetry import telemetry_of
 from gmesh.errors import SERVER_ERRORS, outcome_of
 from gmesh.hookspecs import hookimpl
+from gmesh.stats.edits import NO_EDITS, TelemetryEdits
 from gmesh.stats.metrics import backend_label
 from gmesh.stats.traces import incoming, tracer, with_context
 
@@ -46,12 +47,22 @@ def _names(method: str) -> tuple[str, str, str]:
 class TraceCalls:
     """Starts the call's span when the call is sampled; ends it with the call's outcome."""
 
-    __slots__ = ("ratio", "service", "tracer")
+    __slots__ = ("edits", "headers", "ratio", "service", "tracer")
 
-    def __init__(self, tracer: trace.Tracer, service: str, ratio: float) -> None:
+    def __init__(
+        self,
+        tracer: trace.Tracer,
+        service: str,
+        ratio: float,
+        headers: frozenset[str] = frozenset(),
+        edits: TelemetryEdits = NO_EDITS,
+    ) -> None:
         self.tracer = tracer
         self.service = service
         self.ratio = ratio
+        #: request metadata keys recorded on the span (after the plugins' redaction)
+        self.headers = headers
+        self.edits = edits
 
     async def __call__(self, call: Call[Any], next: Handler, /) -> Any:
         if call.door is _PROXY:
@@ -83,6 +94,8 @@ class TraceCalls:
             },
         )
         call.span = span
+        if self.headers:
+            self._record_headers(span, call)
         code = 0
         try:
             return await next(call)
@@ -104,6 +117,14 @@ class TraceCalls:
                 }
             )
             span.end()
+
+    def _record_headers(self, span: Any, call: Call[Any]) -> None:
+        found: dict[str, list[str]] = {}
+        pairs = [(k, v) for k, v in call.metadata if k in self.headers]
+        for key, value in self.edits.shown(self.service, pairs):
+            found.setdefault(key, []).append(value if isinstance(value, str) else "<binary>")
+        for key, values in found.items():
+            span.set_attribute(f"rpc.grpc.request.metadata.{key}", values)
 
 
 class TraceAttempts:
@@ -172,7 +193,7 @@ class TracingFactory:
         found = tracer()
         if found is None or not settings.tracing:
             return None
-        return TraceCalls(found, ctx.service, settings.sample_ratio)
+        return TraceCalls(found, ctx.service, settings.sample_ratio, settings.trace_headers, ctx.mesh.edits)
 
 
 class AttemptTracingFactory:

@@ -113,6 +113,7 @@ async def forward_unary(call: Call[ProxyUnary]) -> bytes:
         upstream.cancel()
         raise
     call.committed = True
+    call.received_bytes = len(response)
     initial = forwardable(await upstream.initial_metadata())
     if initial:
         await context.send_initial_metadata(initial)
@@ -232,6 +233,7 @@ async def forward_stream(call: Call[ProxyStream]) -> None:
             if message is grpc.aio.EOF:
                 break
             call.received += 1
+            call.received_bytes += len(message)
             meter = call.meter
             if meter is not None:
                 meter.received += 1
@@ -276,6 +278,7 @@ async def _pump(
             sent += 1
             if sent > call.sent:  # a retry's replay is not counted again
                 call.sent = sent
+                call.sent_bytes += len(message)
                 meter = call.meter
                 if meter is not None:
                     meter.sent += 1

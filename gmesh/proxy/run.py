@@ -41,7 +41,7 @@ from gmesh.outbound.pool import EndpointPool, Profile
 from gmesh.outbound.stack import Outbound
 from gmesh.proxy.admin import AdminServer
 from gmesh.proxy.server import ProxyServer
-from gmesh.stats import traces
+from gmesh.stats import accesslog, traces
 from gmesh.store.etcd import EtcdConfig
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ class ProxySettings:
     replay_budget: int | None = None
     #: HOST:PORT of the Prometheus `/metrics` HTTP endpoint (None: off); worker i adds i to the port
     metrics: str | None = None
+    #: where access log lines go (a path, `-` for stderr; None: GMESH_ACCESS_LOG or stderr)
+    access_log: str | None = None
 
 
 class RunningProxy:
@@ -128,6 +130,8 @@ class RunningProxy:
             check_free(s.listen)
         if s.replay_budget is not None:
             REPLAY_BUDGET.limit = s.replay_budget
+        if s.access_log is not None:
+            accesslog.configure(s.access_log)
         if traces.configure_from_env("gmesh-proxy"):
             log.info("exporting traces to the OTLP collector the OTEL_* variables name")
         self.outbound = await stack.acquire(

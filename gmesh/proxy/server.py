@@ -200,6 +200,7 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
                     compiled, call = prepare(
                         context, forward_unary, ProxyUnary(context, request, pool, known)
                     )
+                    call.sent_bytes = len(request)
                     result: bytes = await compiled.chain.handler(call)
                     return result
                 except CallError as exc:

@@ -92,7 +92,10 @@ def attrs(span: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for a in span.attributes:
         v = a.value
-        out[a.key] = v.string_value if v.HasField("string_value") else v.int_value
+        if v.HasField("array_value"):
+            out[a.key] = [x.string_value for x in v.array_value.values]
+        else:
+            out[a.key] = v.string_value if v.HasField("string_value") else v.int_value
     return out
 
 
@@ -103,9 +106,10 @@ async def test_one_trace_from_the_app_through_channel_and_proxy_to_the_upstream(
     env = {**gmesh_env, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp, "OTEL_BSP_SCHEDULE_DELAY": "50"}
     # the proxy's hop retries UNAVAILABLE; the upstream refuses every second call
     retry = {"attempts": 2, "on": ["UNAVAILABLE"], "backoff": {"base": "1ms", "max": "2ms"}}
-    await put(
-        store, mesh_keys, "Route", "echo", {"service": "echo", "rules": [{"name": "all", "retry": retry}]}
-    )
+    route = {"service": "echo", "rules": [{"name": "all", "retry": retry}]}
+    await put(store, mesh_keys, "Route", "echo", route)
+    # record two request headers on call spans; the example plugin (installed) redacts credentials
+    await put(store, mesh_keys, "Telemetry", "mesh", {"tracing": {"headers": ["authorization", "x-user"]}})
     proxy_address = f"127.0.0.1:{free_port()}"
     upstream = [sys.executable, "-P", str(HERE / "traced_upstream.py"), "echo", "0.5"]
     proxy = [*GMESH, "proxy", "--listen", proxy_address, "--admin", "", "--drain-delay", "0s"]
@@ -119,7 +123,7 @@ async def test_one_trace_from_the_app_through_channel_and_proxy_to_the_upstream(
     ):  # fmt: skip
         app = await asyncio.create_subprocess_exec(
             sys.executable, "-P", str(HERE / "traced_app.py"), "gmesh:///edge", "2", "x-gmesh-service=echo",
-            env=env, stdout=asyncio.subprocess.PIPE,
+            "authorization=Bearer s3cret", "x-user=alice", env=env, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, _ = await asyncio.wait_for(app.communicate(), 60)
         assert app.returncode == 0
@@ -167,6 +171,11 @@ async def test_one_trace_from_the_app_through_channel_and_proxy_to_the_upstream(
     assert attrs(retried)["rpc.grpc.status_code"] == 0
     # the stock server interceptor continued each attempt's trace
     assert {parent(span)[1].span_id for span in upstream_spans} == {failed.span_id, retried.span_id}
+    # request headers on both doors' call spans, credentials redacted by the plugin
+    for span in (call, proxy_server):
+        assert attrs(span)["rpc.grpc.request.metadata.x-user"] == ["alice"]
+        assert attrs(span)["rpc.grpc.request.metadata.authorization"] == ["<redacted>"]
+    assert not any("s3cret" in str(attrs(span)) for _, span in trace)
 
 
 def scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -1,11 +1,12 @@
-"""gmesh-owners: an `Owner` config kind, a chain filter that tags calls with their owning team, and
-a `gmesh owners` command — an example gmesh plugin to copy."""
+"""gmesh-owners: an `Owner` config kind, a chain filter that tags calls with their owning team, the
+team in every access log line, credentials kept out of telemetry, and a `gmesh owners` command —
+an example gmesh plugin to copy."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import click
@@ -111,6 +112,30 @@ class TagWithTeamFactory:
 @hookimpl
 def gmesh_filter_factories() -> list[FilterFactory]:
     return [TagWithTeamFactory()]
+
+
+def team_field(entry: dict[str, Any], call: Call[Any]) -> None:
+    """Access log field `team`: the owning team, as the `owner-team` filter tagged the call."""
+    entry["team"] = call.header(TEAM_HEADER)
+
+
+@hookimpl
+def gmesh_access_log_fields() -> list[Callable[[dict[str, Any], Call[Any]], None]]:
+    return [team_field]
+
+
+#: Request metadata never shown in telemetry (access log headers, span attributes).
+SECRETS = frozenset({"authorization", "cookie"})
+
+
+def hide_secrets(service: str, pairs: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Show credentials as `<redacted>` (what is sent upstream does not change)."""
+    return [(key, "<redacted>" if key in SECRETS else value) for key, value in pairs]
+
+
+@hookimpl
+def gmesh_redact_metadata() -> list[Callable[[str, Sequence[tuple[str, Any]]], list[tuple[str, Any]]]]:
+    return [hide_secrets]
 
 
 @hookimpl

@@ -1,0 +1,34 @@
+"""What plugins give to edit telemetry before it leaves the process: metadata redactors and
+access log fields (from the `gmesh_redact_metadata` and `gmesh_access_log_fields` hooks)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gmesh.chain.call import Call
+
+#: ``redact(service, pairs) -> pairs``: the request metadata to show in telemetry
+MetadataRedactor = Callable[[str, Sequence[tuple[str, Any]]], Iterable[tuple[str, Any]]]
+#: ``field(entry, call)``: add or change fields of an access log line
+AccessLogField = Callable[[dict[str, Any], "Call[Any]"], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryEdits:
+    """Every plugin's redactors and access log fields, in plugin order."""
+
+    redact_metadata: tuple[MetadataRedactor, ...] = ()
+    access_log_fields: tuple[AccessLogField, ...] = ()
+
+    def shown(self, service: str, pairs: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """`pairs` as every redactor lets them be shown."""
+        out = list(pairs)
+        for redact in self.redact_metadata:
+            out = list(redact(service, out))
+        return out
+
+
+NO_EDITS = TelemetryEdits()
