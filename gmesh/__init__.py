@@ -28,8 +28,8 @@ def __getattr__(name: str) -> Any:
         from gmesh.discovery import registry
 
         return getattr(registry, name)
-    if name == "metrics":
-        import gmesh.metrics
+    if name in ("metrics", "admin"):
+        import importlib
 
-        return gmesh.metrics
+        return importlib.import_module(f"gmesh.{name}")
     raise AttributeError(f"module 'gmesh' has no attribute {name!r}")

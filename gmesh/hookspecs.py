@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from gmesh.chain.filter import FilterFactory
     from gmesh.config.kinds import KindRegistry
-    from gmesh.stats.edits import AccessLogField, MetadataRedactor
+    from gmesh.stats.edits import AccessLogField, BodyRedactor, MetadataRedactor
 
 PROJECT = "gmesh"
 
@@ -104,6 +104,19 @@ def gmesh_redact_metadata() -> list[MetadataRedactor]:  # type: ignore[empty-bod
 
     Called once when a process's outbound stack starts; the functions it gives run for each
     logged or traced call, as plain calls. Hot path: never (the hook itself).
+    """
+
+
+@hookspec
+def gmesh_redact_bodies() -> list[BodyRedactor]:  # type: ignore[empty-body]
+    """Give functions that see message bodies before `gmesh tap --bodies` sends them out.
+
+    Each is ``redact(service, method, direction, body) -> body``: `direction` is
+    ``"request"`` or ``"response"``, `body` the serialized message (the bytes a proxy relays,
+    or what a channel's serializer makes). Return the bytes to show — the same, a message
+    with fields cleared, or ``b""`` to hide it. Runs only for calls a tap with bodies takes.
+
+    Called once when a process's outbound stack starts. Hot path: never (the hook itself).
     """
 
 

@@ -44,6 +44,7 @@ BUILTINS: dict[str, str] = {
     "metrics": "gmesh.plugins.metrics",
     "tracing": "gmesh.plugins.tracing",
     "accesslog": "gmesh.plugins.accesslog",
+    "tap": "gmesh.plugins.tap",
 }
 #: Built-ins gmesh cannot work without; GMESH_DISABLE_PLUGINS cannot remove them.
 ESSENTIAL = frozenset({"service", "balancer"})
@@ -148,7 +149,8 @@ class Plugins:
 
         redact = [f for found in self.pm.hook.gmesh_redact_metadata()[::-1] for f in found or ()]
         fields = [f for found in self.pm.hook.gmesh_access_log_fields()[::-1] for f in found or ()]
-        return TelemetryEdits(tuple(redact), tuple(fields))
+        bodies = [f for found in self.pm.hook.gmesh_redact_bodies()[::-1] for f in found or ()]
+        return TelemetryEdits(tuple(redact), tuple(fields), tuple(bodies))
 
     def register_commands(self, cli: click.Group) -> None:
         self.pm.hook.gmesh_register_commands(cli=cli)

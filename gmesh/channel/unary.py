@@ -112,6 +112,13 @@ async def mirror_unary(call: Call[UnaryUnaryCall], endpoint: Endpoint) -> None:
     await mc(meshcall._request, timeout=mirror_timeout(call), metadata=mirror_metadata(call.metadata))
 
 
+def _serialized(message: Any) -> bytes | None:
+    if isinstance(message, bytes):
+        return message
+    serialize = getattr(message, "SerializeToString", None)
+    return serialize() if serialize is not None else None
+
+
 class UnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
     """A unary call on a MeshChannel. Awaited at once, it runs in the awaiting task (no extra
     task: the cheapest path); otherwise in a task of its own. Status accessors wait for it.
@@ -197,6 +204,14 @@ class UnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
         finally:
             self._runner = None
             self._finish()
+
+    def request_bytes(self) -> bytes | None:
+        """The request serialized as sent (for taps with bodies; costs a serialization)."""
+        ser = self._multi._ser
+        return ser(self._request) if ser is not None else _serialized(self._request)
+
+    def response_bytes(self, response: Any) -> bytes | None:
+        return _serialized(response)
 
     def _finish(self) -> None:
         if not self._done.done():

@@ -42,6 +42,8 @@ def _add_builtin_commands() -> None:
         proxy_cmd,
         register_cmd,
         rollout_cmd,
+        stat_cmd,
+        tap_cmd,
     )
 
     for command in (
@@ -54,6 +56,9 @@ def _add_builtin_commands() -> None:
         config_cmd.schema,
         explain_cmd.explain,
         rollout_cmd.rollout,
+        stat_cmd.stat,
+        stat_cmd.top,
+        tap_cmd.tap,
         plugins_cmd.plugins,
         demo.demo,
     ):

@@ -75,6 +75,10 @@ class MeshKeys:
     def lock(self, name: str) -> str:
         return f"{self.prefix}locks/{_segment(name)}"
 
+    @property
+    def stats_root(self) -> str:
+        return f"{self.prefix}stats/"
+
     def stats_of(self, service: str) -> str:
         return f"{self.prefix}stats/{service}/"
 

@@ -72,6 +72,19 @@ async def _reflect(stub: reflection_pb2_grpc.ServerReflectionStub) -> ServedApi:
         call.cancel()
 
 
+async def file_descriptors(address: str, symbol: str, *, timeout: float = 3.0) -> list[bytes]:
+    """The serialized file descriptors that define `symbol` (and what they import), by reflection."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+        async with asyncio.timeout(timeout):
+            call = stub.ServerReflectionInfo(iter([request]))
+            found: list[bytes] = []
+            async for response in call:
+                found.extend(response.file_descriptor_response.file_descriptor_proto)
+            return found
+
+
 def _methods_of(service: str, raw: bytes) -> dict[str, MethodKind]:
     fd = descriptor_pb2.FileDescriptorProto.FromString(raw)
     found: dict[str, MethodKind] = {}

@@ -20,6 +20,7 @@ from gmesh.routing.retry import RetryBudget, RetryStats
 from gmesh.stats.backend import StatsRegistry
 from gmesh.stats.edits import NO_EDITS, TelemetryEdits
 from gmesh.stats.metrics import MeshMetrics
+from gmesh.stats.tap import TapHub
 
 if TYPE_CHECKING:
     from gmesh.chain.compose import PluginFactory, ServiceChain
@@ -54,6 +55,8 @@ class MeshState:
         self.metrics = MeshMetrics(self)
         #: plugins' metadata redactors and access log fields (telemetry filters read them)
         self.edits = edits
+        #: open `gmesh tap`s of this mesh, by service
+        self.taps = TapHub()
         self._kept: dict[tuple[str, str], Any] = {}
 
     def breaker(self, service: str) -> BreakerState:

@@ -109,7 +109,7 @@ class Outbound:
         self.idle_timeout = idle_timeout if idle_timeout is not None else idle_timeout_from_env()
         self.drain_timeout = drain_timeout
         self.health = HealthChecks(self.mesh.states, self._conn_anywhere)
-        self.publisher = StatsPublisher(store, keys, self.mesh.stats)
+        self.publisher = StatsPublisher(store, keys, self.mesh.stats, self.mesh.metrics)
         self._pools: dict[Any, tuple[EndpointPool, int]] = {}
         self._listeners: list[Callable[[Outbound], None]] = []
         self._activity: dict[str, tuple[int, float]] = {}

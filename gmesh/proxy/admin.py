@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gmesh.outbound.stack import Outbound
 from gmesh.proxy.server import bind
+from gmesh.stats.tap import DEFAULT_BODY, DEFAULT_RATE, Tap, TapHub, TooManyTaps
 from gmesh.v1 import admin_pb2, admin_pb2_grpc
 
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
@@ -69,11 +70,50 @@ def config_dump(outbound: Outbound, proxy: dict[str, Any], only: str = "") -> di
 
 
 class _Admin(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, dump: Callable[[str], dict[str, Any]]) -> None:
+    def __init__(self, dump: Callable[[str], dict[str, Any]], hub: Callable[[str], TapHub | None]) -> None:
         self._dump = dump
+        self._hub = hub
 
     async def ConfigDump(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return admin_pb2.ConfigDumpResponse(json=json.dumps(self._dump(request.service), indent=2))
+
+    async def Tap(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for event in tap_events(request, context, self._hub):
+            yield event
+
+
+async def tap_events(
+    request: Any, context: grpc.aio.ServicerContext, hub_of: Callable[[str], TapHub | None]
+) -> AsyncIterator[Any]:
+    """The events of one `Tap` call until the caller goes away (shared by the proxy's admin port
+    and `gmesh.admin` in applications)."""
+    if not request.service:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "gmesh: tap: name a service")
+    hub = hub_of(request.service)
+    if hub is None:
+        await context.abort(
+            grpc.StatusCode.NOT_FOUND, f"gmesh: tap: no mesh service {request.service!r} here"
+        )
+    assert hub is not None
+    tap = Tap(
+        request.service,
+        request.method,
+        request.bodies,
+        rate=request.max_rate or DEFAULT_RATE,
+        max_body=request.max_body_bytes or DEFAULT_BODY,
+    )
+    try:
+        hub.open(tap)
+    except TooManyTaps as exc:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"gmesh: tap: {exc}")
+    try:
+        await context.send_initial_metadata(())  # the tap is open: the caller can tell
+        while True:
+            event = await tap.queue.get()
+            metadata = [admin_pb2.TapHeader(key=k, value=v) for k, v in event.pop("metadata")]
+            yield admin_pb2.TapEvent(metadata=metadata, **event)
+    finally:
+        hub.close(tap)
 
 
 class AdminServer:
@@ -92,7 +132,11 @@ class AdminServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         admin_pb2_grpc.add_AdminServicer_to_server(
-            _Admin(lambda only: config_dump(outbound, proxy_info(), only)), self.server
+            _Admin(
+                lambda only: config_dump(outbound, proxy_info(), only),
+                lambda service: outbound.mesh.taps if outbound.snapshot.has_service(service) else None,
+            ),
+            self.server,
         )
         reflection.enable_server_reflection(
             (ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

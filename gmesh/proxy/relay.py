@@ -86,6 +86,13 @@ class ProxyUnary:
         #: the method is one the destination's endpoints reported (reflection)
         self.known = known
 
+    def request_bytes(self) -> bytes:
+        """The request as relayed (for taps with bodies)."""
+        return self.request
+
+    def response_bytes(self, response: bytes) -> bytes:
+        return response
+
 
 async def forward_unary(call: Call[ProxyUnary]) -> bytes:
     """Unary fast path: the request is already read; one upstream call; relay headers, trailers."""

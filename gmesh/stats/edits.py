@@ -1,5 +1,6 @@
-"""What plugins give to edit telemetry before it leaves the process: metadata redactors and
-access log fields (from the `gmesh_redact_metadata` and `gmesh_access_log_fields` hooks)."""
+"""What plugins give to edit telemetry before it leaves the process: metadata redactors, access log
+fields and body redactors (the `gmesh_redact_metadata`, `gmesh_access_log_fields` and
+`gmesh_redact_bodies` hooks)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
 MetadataRedactor = Callable[[str, Sequence[tuple[str, Any]]], Iterable[tuple[str, Any]]]
 #: ``field(entry, call)``: add or change fields of an access log line
 AccessLogField = Callable[[dict[str, Any], "Call[Any]"], None]
+#: ``redact(service, method, "request" | "response", body) -> body``: a message as taps show it
+BodyRedactor = Callable[[str, str, str, bytes], bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +25,7 @@ class TelemetryEdits:
 
     redact_metadata: tuple[MetadataRedactor, ...] = ()
     access_log_fields: tuple[AccessLogField, ...] = ()
+    redact_body: tuple[BodyRedactor, ...] = ()
 
     def shown(self, service: str, pairs: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
         """`pairs` as every redactor lets them be shown."""

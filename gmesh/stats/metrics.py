@@ -196,6 +196,31 @@ class MeshMetrics:
             found = self.services[name] = ServiceMetrics(name)
         return found
 
+    def published(self) -> dict[str, list[dict[str, Any]]]:
+        """service -> one row per (door, route rule, backend, method) counted so far: codes,
+        sparse duration buckets and their sum — what `gmesh stat` and `gmesh top` read back."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for service, sm in list(self.services.items()):
+            rows: list[dict[str, Any]] = []
+            for door, methods in enumerate(sm.by_door):
+                for mm in [*list(methods.values()), sm.other[door]]:
+                    for rule, by_backend in list(mm.calls.items()):
+                        for key, cell in list(by_backend.items()):
+                            rows.append(
+                                {
+                                    "door": DOORS[door],
+                                    "route": rule,
+                                    "backend": backend_label(service, key),
+                                    "method": mm.name,
+                                    "codes": dict(cell.by_code()),
+                                    "buckets": {str(i): n for i, n in enumerate(list(cell.buckets)) if n},
+                                    "sum": round(cell.sum, 6),
+                                }
+                            )
+            if rows:
+                out[service] = rows
+        return out
+
     def set_known(self, name: str, methods: frozenset[str]) -> None:
         """The methods of `name` that get a label of their own (when it is counted at all)."""
         found = self.services.get(name)

@@ -1,0 +1,60 @@
+"""Publishing counters: every changed service in one etcd write, nothing while idle (real etcd)."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+
+from gmesh.chain.call import Door
+from gmesh.discovery.catalog import MeshSnapshot
+from gmesh.discovery.keys import MeshKeys
+from gmesh.outbound.mesh import MeshState
+from gmesh.stats.backend import PROCESS
+from gmesh.stats.publish import MAX_TXN_OPS, StatsPublisher
+from gmesh.store.etcd import Store
+
+
+def count(mesh: MeshState, service: str, n: int = 1) -> None:
+    cell = mesh.metrics.service(service).method(Door.CHANNEL, "/x.Y/Z").call_cell("", None)
+    for _ in range(n):
+        cell.record(grpc.StatusCode.OK, 0.001)
+
+
+async def test_every_changed_service_goes_out_in_one_write(store: Store, mesh_keys: MeshKeys) -> None:
+    mesh = MeshState(lambda: MeshSnapshot())
+    publisher = StatsPublisher(store, mesh_keys, mesh.stats, mesh.metrics)
+    for i in range(20):
+        count(mesh, f"svc-{i}")
+    mesh.stats.of("svc-0", "v1").record(0.001, False)
+    _, revision = await store.get_prefix(mesh_keys.stats_root)
+    await publisher.publish()
+    kvs, after = await store.get_prefix(mesh_keys.stats_root)
+    assert publisher.writes == 1 and after == revision + 1  # one etcd revision for 20 services
+    assert len(kvs) == 20
+    doc = json.loads(next(kv.value for kv in kvs if kv.key == mesh_keys.stats("svc-0", PROCESS)))
+    assert doc["backends"]["v1"]["calls"] == 1
+    [row] = doc["calls"]
+    assert row["codes"] == {"OK": 1} and row["backend"] == "svc-0" and row["door"] == "channel"
+
+    await publisher.publish()  # nothing changed: no write
+    assert publisher.writes == 1
+    count(mesh, "svc-3", 2)
+    await publisher.publish()  # one service changed: one write, of that service only
+    kvs, latest = await store.get_prefix(mesh_keys.stats_root)
+    assert publisher.writes == 2 and latest == after + 1
+    changed = [kv for kv in kvs if kv.mod_revision == latest]
+    assert [kv.key for kv in changed] == [mesh_keys.stats("svc-3", PROCESS)]
+    await publisher.close()
+    assert (await store.get_prefix(mesh_keys.stats_root))[0] == []  # the lease went with it
+
+
+async def test_more_services_than_one_transaction_takes(store: Store, mesh_keys: MeshKeys) -> None:
+    mesh = MeshState(lambda: MeshSnapshot())
+    publisher = StatsPublisher(store, mesh_keys, mesh.stats, mesh.metrics)
+    for i in range(MAX_TXN_OPS + 5):
+        count(mesh, f"svc-{i}")
+    await publisher.publish()
+    assert publisher.writes == 2
+    assert len((await store.get_prefix(mesh_keys.stats_root))[0]) == MAX_TXN_OPS + 5
+    await publisher.close()
