@@ -107,7 +107,7 @@ async def tap_events(
     except TooManyTaps as exc:
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"gmesh: tap: {exc}")
     try:
-        await context.send_initial_metadata(())  # the tap is open: the caller can tell
+        await context.send_initial_metadata((("gmesh-tap", "open"),))  # the caller can tell it is open
         while True:
             event = await tap.queue.get()
             metadata = [admin_pb2.TapHeader(key=k, value=v) for k, v in event.pop("metadata")]
