@@ -2,7 +2,7 @@
 `gmesh proxy`, and through Envoy, interleaved over several repetitions.
 
     python bench/dataplane.py [--reps 3] [--seconds 3] [--payload 100] [--h2load]
-                              [--telemetry off,metrics,traces1,traces100]
+                              [--telemetry off,metrics,traces1,traces100,tapped]
 
 Every process is separate (etcd, the Echo upstream, the proxy, Envoy, the load
 generator) and bound to 127.0.0.1; everything it starts it stops. Prints, per target
@@ -15,7 +15,9 @@ for the Envoy column (skipped, and said so, when missing).
 telemetry setting in the same run, interleaved (a mesh-wide `Telemetry` resource applied
 before each measurement): `off` (no metrics, no traces), `metrics` (gmesh's default),
 `traces1` / `traces100` (metrics, and traces sampled at 1% / 100%, exported over OTLP to a
-sink process by the proxy and by the channel clients, set up as an application would).
+sink process by the proxy and by the channel clients, set up as an application would),
+`tapped` (metrics, and a `gmesh tap --bodies` open on the proxy: its default cap of 100
+events/s; the channel rows of this setting are untapped).
 """
 
 from __future__ import annotations
@@ -210,9 +212,9 @@ def mesh(workdir: Path, traced: bool = False) -> Iterator[dict[str, Any]]:
         procs.append(upstream)
         upstream_address = wait_for_line(upstream, "listening").split()[1]
         wait_for_line(upstream, "registered")
-        proxy_address = f"127.0.0.1:{free_port()}"
+        proxy_address, admin_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         proxy = subprocess.Popen(
-            [*py, "gmesh.cli", "proxy", "--listen", proxy_address, "--admin", ""],
+            [*py, "gmesh.cli", "proxy", "--listen", proxy_address, "--admin", admin_address],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         procs.append(proxy)
@@ -240,6 +242,7 @@ def mesh(workdir: Path, traced: bool = False) -> Iterator[dict[str, Any]]:
             "etcd": member.url,
             "upstream": upstream_address,
             "proxy": proxy_address,
+            "admin": admin_address,
             "proxy_pid": proxy.pid,
             "envoy": envoy_address,
             "envoy_pid": envoy_pid,
@@ -277,7 +280,33 @@ TELEMETRY: dict[str, dict[str, Any]] = {
     "metrics": {"metrics": {"enabled": True}, "tracing": {"enabled": False}},
     "traces1": {"metrics": {"enabled": True}, "tracing": {"samplePercent": 1}},
     "traces100": {"metrics": {"enabled": True}, "tracing": {"samplePercent": 100}},
+    # metrics, and a `gmesh tap echo` (rate cap 100/s, bodies) open on the proxy while measuring
+    "tapped": {"metrics": {"enabled": True}, "tracing": {"enabled": False}},
 }
+
+
+@contextlib.contextmanager
+def tapping(setup: dict[str, Any], on: bool) -> Iterator[None]:
+    """A `gmesh tap --bodies` on the proxy's admin port for the measurement (when `on`)."""
+    if not on:
+        yield
+        return
+    tap = subprocess.Popen(
+        [sys.executable, "-P", "-m", "gmesh.cli", "tap", "echo", "--bodies", "--admin", setup["admin"], "-o", "json"],
+        env=setup["env"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert tap.stderr is not None
+        while "tapping echo" not in tap.stderr.readline():
+            if tap.poll() is not None:
+                raise RuntimeError("gmesh tap exited")
+        yield
+    finally:
+        tap.send_signal(signal.SIGINT)
+        try:
+            tap.wait(10)
+        except subprocess.TimeoutExpired:
+            tap.kill()
 
 
 def otlp_sink(port: int) -> None:
@@ -415,12 +444,13 @@ def main() -> None:
                             if telemetry != settings[0] and name not in ("channel", "proxy"):
                                 continue  # telemetry changes nothing for direct calls or Envoy
                             pid = pids.get(name)
-                            cpu0 = cpu_seconds(pid) if pid else 0.0
-                            r = run_client(setup, target, concurrency, args.seconds, args.payload, mode)
-                            if pid:
-                                # the client's 200 warm-up calls ran through the proxy too
-                                r["proxy_cpu_us"] = (cpu_seconds(pid) - cpu0) / (r["calls"] + 200) * 1e6
-                                r["proxy_rss"] = rss_mib(pid)
+                            with tapping(setup, telemetry == "tapped" and name == "proxy"):
+                                cpu0 = cpu_seconds(pid) if pid else 0.0
+                                r = run_client(setup, target, concurrency, args.seconds, args.payload, mode)
+                                if pid:
+                                    # the client's 200 warm-up calls ran through the proxy too
+                                    r["proxy_cpu_us"] = (cpu_seconds(pid) - cpu0) / (r["calls"] + 200) * 1e6
+                                    r["proxy_rss"] = rss_mib(pid)
                             results.setdefault((mode, telemetry, name, concurrency), []).append(r)
             print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
 
