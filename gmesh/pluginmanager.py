@@ -45,6 +45,7 @@ BUILTINS: dict[str, str] = {
     "tracing": "gmesh.plugins.tracing",
     "accesslog": "gmesh.plugins.accesslog",
     "tap": "gmesh.plugins.tap",
+    "redact": "gmesh.plugins.redact",
 }
 #: Built-ins gmesh cannot work without; GMESH_DISABLE_PLUGINS cannot remove them.
 ESSENTIAL = frozenset({"service", "balancer"})

@@ -94,7 +94,7 @@ async def forward_streaming(call: Call[StreamingCall]) -> None:
         assert isinstance(sc._tape, RequestTape)
         args = (sc._tape.messages(),)
     else:
-        args = (request if call.meter is None else _counted(request, call),)
+        args = (_counted(request, call),)
     credentials, wait_for_ready, compression = sc._extra
     upstream = make(call.method, multi._ser, multi._deser, known=known)(
         *args,

@@ -86,7 +86,14 @@ def stat_document(rows: dict[golden.RowKey, golden.Signals], seconds: float) -> 
     show_default=True,
     help="how long to measure (the command waits this long; at least 2s)",
 )
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="a table, or JSON with per-method and per-door counts too",
+)
 @mesh_options
 def stat(target: MeshTarget, service: str | None, window: float, output: str) -> None:
     """Golden signals of every service (or SERVICE): calls, success rate, requests/s, p50/p95/p99.

@@ -143,7 +143,14 @@ def _line(event: Any, source: str) -> str:
     help="tap this admin port (repeatable; an application's gmesh.admin too) [default: every proxy]",
 )
 @click.option("-n", "--count", type=click.IntRange(min=1), default=None, help="stop after this many calls")
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="a line per call, or one JSON object per call",
+)
 @mesh_options
 def tap(
     target: MeshTarget,
@@ -212,8 +219,9 @@ def tap(
 async def _show(event: Any, source: str, output: str, decoder: BodyDecoder | None) -> None:
     request = response = None
     if decoder is not None and (event.request or event.response):
-        request = await decoder.decode(event.method, event.request, False, event.truncated)
-        response = await decoder.decode(event.method, event.response, True, event.truncated)
+        request = await decoder.decode(event.method, event.request, False, event.request_truncated)
+        if event.code == "OK":  # a failed call has no response message
+            response = await decoder.decode(event.method, event.response, True, event.response_truncated)
     if output == "json":
         from google.protobuf import json_format
 

@@ -24,7 +24,7 @@ from gmesh.discovery.endpoint import MethodKind
 from gmesh.errors import outcome_of
 from gmesh.hookspecs import hookimpl
 from gmesh.stats.accesslog import sink, timestamp
-from gmesh.stats.edits import TelemetryEdits
+from gmesh.stats.edits import TelemetryEdits, report_failure
 from gmesh.stats.metrics import backend_label
 
 _DOORS = {Door.PROXY: "proxy", Door.CHANNEL: "channel"}
@@ -69,7 +69,10 @@ class LogCalls:
             code = outcome_of(exc, call.committed).code.name
             raise
         finally:
-            self._write(call, metadata, code, started, time.perf_counter() - clock)
+            try:
+                self._write(call, metadata, code, started, time.perf_counter() - clock)
+            except Exception:
+                report_failure("access log line")
 
     def _write(self, call: Call[Any], metadata: Any, code: str, started: float, seconds: float) -> None:
         rule = call.route

@@ -72,7 +72,8 @@ class ObserveAttempts:
         try:
             result = await next(call)
         except BaseException as exc:
-            self._cell(call).record(outcome_of(exc, call.committed).code, _clock() - started)
+            if call.endpoint is not None:  # else nothing was sent: the balancer refused it
+                self._cell(call).record(outcome_of(exc, call.committed).code, _clock() - started)
             raise
         self._cell(call).record(OK, _clock() - started)
         return result

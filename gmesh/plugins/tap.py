@@ -19,7 +19,7 @@ from gmesh.discovery.endpoint import MethodKind
 from gmesh.errors import outcome_of
 from gmesh.hookspecs import hookimpl
 from gmesh.stats.accesslog import timestamp
-from gmesh.stats.edits import TelemetryEdits
+from gmesh.stats.edits import TelemetryEdits, report_failure
 from gmesh.stats.metrics import backend_label
 from gmesh.stats.tap import Tap, TapHub, cut
 
@@ -53,7 +53,10 @@ class TapCalls:
             code = outcome_of(exc, call.committed).code.name
             raise
         finally:
-            self._emit(taps, call, metadata, code, result, started, time.perf_counter() - clock)
+            try:
+                self._emit(taps, call, metadata, code, result, started, time.perf_counter() - clock)
+            except Exception:
+                report_failure("tap event")
 
     def _emit(
         self,
@@ -92,7 +95,13 @@ class TapCalls:
                     bodies = self._bodies(call, result)
                 request, cut_request = cut(bodies[0], tap.max_body)
                 response, cut_response = cut(bodies[1], tap.max_body)
-                copy.update(request=request, response=response, truncated=cut_request or cut_response)
+                copy.update(
+                    request=request,
+                    response=response,
+                    truncated=cut_request or cut_response,
+                    request_truncated=cut_request,
+                    response_truncated=cut_response,
+                )
             tap.offer(copy)
 
     def _bodies(self, call: Call[Any], result: Any) -> tuple[bytes | None, bytes | None]:

@@ -29,7 +29,7 @@ from gmesh.chain.filter import BuildContext, Filter, FilterFactory, Handler, Pha
 from gmesh.config.telemetry import telemetry_of
 from gmesh.errors import SERVER_ERRORS, outcome_of
 from gmesh.hookspecs import hookimpl
-from gmesh.stats.edits import NO_EDITS, TelemetryEdits
+from gmesh.stats.edits import NO_EDITS, TelemetryEdits, report_failure
 from gmesh.stats.metrics import backend_label
 from gmesh.stats.traces import incoming, tracer, with_context
 
@@ -65,18 +65,17 @@ class TraceCalls:
         self.edits = edits
 
     async def __call__(self, call: Call[Any], next: Handler, /) -> Any:
-        if call.door is _PROXY:
-            parent = incoming(call.metadata)
-        else:
-            parent = otel_context.get_current()
-            if not trace.get_current_span(parent).get_span_context().is_valid:
-                parent = None
-        if parent is None:
+        parent = incoming(call.metadata) if call.door is _PROXY else otel_context.get_current()
+        caller = None if parent is None else trace.get_current_span(parent).get_span_context()
+        if caller is None or not caller.is_valid:
+            # no trace to continue (none, baggage alone, a malformed traceparent): this call
+            # may start one; baggage that came stays in its context
             ratio = self.ratio
             if ratio <= 0.0 or (ratio < 1.0 and random.random() >= ratio):
                 return await next(call)
-        elif not trace.get_current_span(parent).get_span_context().trace_flags.sampled:
-            if call.door is not _PROXY:  # the proxy passes the caller's context on as it came
+        elif not caller.trace_flags.sampled:
+            if call.door is not _PROXY and parent is not None:
+                # the proxy passes the caller's context on as it came; a channel sends the app's
                 call.metadata = with_context(call.metadata, parent)
             return await next(call)
         name, rpc_service, rpc_method = _names(call.method)
@@ -95,7 +94,10 @@ class TraceCalls:
         )
         call.span = span
         if self.headers:
-            self._record_headers(span, call)
+            try:
+                self._record_headers(span, call)
+            except Exception:
+                report_failure("span headers")
         code = 0
         try:
             return await next(call)

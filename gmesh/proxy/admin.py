@@ -109,7 +109,7 @@ async def tap_events(
     try:
         await context.send_initial_metadata((("gmesh-tap", "open"),))  # the caller can tell it is open
         while True:
-            event = await tap.queue.get()
+            event = await tap.next_event()
             metadata = [admin_pb2.TapHeader(key=k, value=v) for k, v in event.pop("metadata")]
             yield admin_pb2.TapEvent(metadata=metadata, **event)
     finally:

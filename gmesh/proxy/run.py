@@ -161,6 +161,7 @@ class RunningProxy:
                 await self.admin.start()
             if s.metrics:
                 host, _, port_text = s.metrics.rpartition(":")
+                host = host.strip("[]")  # [::1]:9464
                 metrics_port = int(port_text) + s.worker if int(port_text) else 0
                 self.metrics = gmesh.metrics.serve(metrics_port, host, gmesh.metrics.process_registry())
         except BaseException:

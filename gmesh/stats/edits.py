@@ -4,6 +4,8 @@ fields and body redactors (the `gmesh_redact_metadata`, `gmesh_access_log_fields
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,3 +38,15 @@ class TelemetryEdits:
 
 
 NO_EDITS = TelemetryEdits()
+
+log = logging.getLogger(__name__)
+_last_report: dict[str, float] = {}
+
+
+def report_failure(what: str) -> None:
+    """A telemetry step failed (a plugin's redactor or field, a full disk): log it — at most once
+    a minute per `what`, with the traceback — and go on. Telemetry never fails a call."""
+    now = time.monotonic()
+    if now - _last_report.get(what, -1e9) >= 60.0:
+        _last_report[what] = now
+        log.exception("%s failed (the call is unaffected; next report in a minute at most)", what)

@@ -117,14 +117,14 @@ def window(before: Reading, after: Reading) -> dict[RowKey, Signals]:
         earlier = before.get(process)
         if earlier is None:
             continue  # first published within the window: its counters may hold older calls
-        restarted = any(
-            key in earlier and signals.calls < earlier[key].calls for key, signals in rows.items()
-        )
         for key, signals in rows.items():
             change = Signals()
             change.add(signals)
-            if not restarted and key in earlier:
-                change.add(earlier[key], -1)
+            before_row = earlier.get(key)
+            # counters that went down started again from zero (a restart, or a service forgotten
+            # and called again): what they hold now all happened since
+            if before_row is not None and signals.calls >= before_row.calls:
+                change.add(before_row, -1)
             if change.calls:
                 out.setdefault(key, Signals()).add(change)
     return out

@@ -21,6 +21,7 @@ atomic, and never lock the hot path.
 from __future__ import annotations
 
 import bisect
+import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator
@@ -412,16 +413,22 @@ class MeshCollector(Collector):
 
     def __init__(self) -> None:
         self._meshes: weakref.WeakSet[MeshMetrics] = weakref.WeakSet()
+        # stacks come and go on event loops while a scrape thread lists them
+        self._lock = threading.Lock()
 
     def add(self, metrics: MeshMetrics) -> None:
-        self._meshes.add(metrics)
+        with self._lock:
+            self._meshes.add(metrics)
 
     def discard(self, metrics: MeshMetrics) -> None:
-        self._meshes.discard(metrics)
+        with self._lock:
+            self._meshes.discard(metrics)
 
     def collect(self) -> Iterable[Any]:
         out = Families()
-        for metrics in list(self._meshes):
+        with self._lock:
+            meshes = list(self._meshes)
+        for metrics in meshes:
             metrics.samples(out)
         if SPANS.active:
             out.counter("spans_exported", (), SPANS.exported)

@@ -6,7 +6,8 @@ counters canary rollouts compare (`backends`) and the golden signals `gmesh stat
 top` read (`calls`: codes and duration buckets per door, route rule, backend and method). The
 services whose counters changed since the last publish go out together in one transaction —
 one write (one etcd revision) per process per second while traffic flows, none while idle;
-above 128 changed services (etcd's default `--max-txn-ops`) in transactions of 128.
+above 128 changed services or 1 MiB (etcd's default `--max-txn-ops` and `--max-request-bytes`)
+in several transactions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from gmesh.errors import StoreUnavailable
 from gmesh.stats.backend import PROCESS, StatsRegistry
 from gmesh.store.etcd import Put
 
@@ -30,6 +32,22 @@ log = logging.getLogger(__name__)
 
 #: Puts per transaction (etcd's default --max-txn-ops).
 MAX_TXN_OPS = 128
+#: Bytes per transaction (etcd's default --max-request-bytes is 1.5 MiB).
+MAX_TXN_BYTES = 1 << 20
+
+
+def _chunks(items: list[tuple[str, tuple[str, str]]]) -> list[list[tuple[str, tuple[str, str]]]]:
+    """`items` in transactions of at most MAX_TXN_OPS puts and about MAX_TXN_BYTES."""
+    chunks: list[list[tuple[str, tuple[str, str]]]] = [[]]
+    size = 0
+    for item in items:
+        length = len(item[1][1])
+        if chunks[-1] and (len(chunks[-1]) >= MAX_TXN_OPS or size + length > MAX_TXN_BYTES):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += length
+    return chunks
 
 
 class StatsPublisher:
@@ -49,6 +67,7 @@ class StatsPublisher:
         self._published: dict[str, str] = {}
         #: etcd writes (transactions) made, for tests and the bench
         self.writes = 0
+        self._warned = -1e9
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="gmesh-stats")
@@ -75,8 +94,13 @@ class StatsPublisher:
                 await self.publish()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # etcd down: counters keep counting; publish later
+            except StoreUnavailable as exc:  # etcd down: counters keep counting; publish later
                 log.debug("publishing stats failed: %s", exc)
+            except Exception as exc:  # refused (too big?): say so, once a minute at most
+                now = time.monotonic()
+                if now - self._warned >= 60:
+                    self._warned = now
+                    log.warning("publishing stats failed: %s", exc)
 
     def documents(self) -> dict[str, dict[str, Any]]:
         """service -> what this process publishes for it now."""
@@ -104,9 +128,7 @@ class StatsPublisher:
             if self._keeper is not None:
                 await self._keeper.stop()
             self._keeper = self.store.keep_alive(self._lease, self.TTL, self._lost)
-        items = list(changed.items())
-        for start in range(0, len(items), MAX_TXN_OPS):
-            chunk = items[start : start + MAX_TXN_OPS]
+        for chunk in _chunks(list(changed.items())):
             ops = [Put(self.keys.stats(s, PROCESS), body.encode(), self._lease) for s, (_, body) in chunk]
             await self.store.txn((), ops)
             self.writes += 1

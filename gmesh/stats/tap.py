@@ -3,8 +3,9 @@
 A `TapHub` per mesh stack holds the open taps by service. The `tap` filter of a service asks
 the hub whether anyone watches it — one dict lookup per call when nobody does — and a tap
 that wants the call gets an event when it ends. Every tap is bounded: at most `MAX_TAPS` open
-per process, a token bucket of `max_rate` events per second, a queue of `QUEUE` events (a
-slow reader loses events, counted, and never slows a call), bodies cut to `max_body_bytes`.
+per process, a token bucket of `max_rate` events per second, a queue of `QUEUE` events and
+`QUEUE_BYTES` of bodies (a slow reader loses events, counted, and never slows a call), bodies
+cut to `max_body_bytes`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 
 #: open taps per process at most
 MAX_TAPS = 4
-#: events waiting per tap at most
+#: events waiting per tap at most, and their bodies' bytes at most
 QUEUE = 256
+QUEUE_BYTES = 4 << 20
 DEFAULT_RATE, MAX_RATE = 100, 1000
 DEFAULT_BODY, MAX_BODY = 4096, 65536
 
@@ -39,6 +41,8 @@ class Tap:
     queue: asyncio.Queue[dict[str, Any]] = field(default_factory=lambda: asyncio.Queue(QUEUE))
     #: calls skipped since the last event handed over (rate cap or a full queue)
     dropped: int = 0
+    #: body bytes of the events waiting
+    queued_bytes: int = 0
     _tokens: float = 0.0
     _at: float = 0.0
 
@@ -64,11 +68,19 @@ class Tap:
 
     def offer(self, event: dict[str, Any]) -> None:
         """Hand an event over, or drop it (counted) when the reader is behind."""
-        if self.queue.full():
+        size = len(event.get("request", b"")) + len(event.get("response", b""))
+        if self.queue.full() or self.queued_bytes + size > QUEUE_BYTES:
             self.dropped += 1
             return
         event["dropped"], self.dropped = self.dropped, 0
+        self.queued_bytes += size
         self.queue.put_nowait(event)
+
+    async def next_event(self) -> dict[str, Any]:
+        """The next event, waiting for one."""
+        event = await self.queue.get()
+        self.queued_bytes -= len(event.get("request", b"")) + len(event.get("response", b""))
+        return event
 
 
 class TapHub:

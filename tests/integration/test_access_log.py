@@ -103,12 +103,16 @@ async def test_streams_count_their_messages(mesh: Mesh, door: Door, log_file: Pa
 async def test_the_redacting_plugin_keeps_credentials_out(mesh: Mesh, door: Door, log_file: Path) -> None:
     await route(mesh, door, [rule("default")])
     await mesh.put("Owner", "shop", {"team": "Shop", "contact": "shop@example.com", "services": ["orders"]})
-    spec = {"accessLog": {"enabled": True, "headers": ["authorization", "x-user"]}}
+    spec = {"accessLog": {"enabled": True, "headers": ["authorization", "x-session-token", "x-user"]}}
     await door.wait(await mesh.put("Telemetry", "mesh", spec))
-    await door.stub.Unary(
-        echo_pb2.EchoRequest(), metadata=(("authorization", "Bearer s3cret"), ("x-user", "ann")), timeout=10
-    )
+    sent = (("authorization", "Bearer s3cret"), ("x-session-token", "s3cret-too"), ("x-user", "ann"))
+    await door.stub.Unary(echo_pb2.EchoRequest(), metadata=sent, timeout=10)
     [entry] = lines(log_file)
-    assert entry["headers"] == {"authorization": "<redacted>", "x-user": "ann"}
+    # authorization: gmesh's own rule; x-session-token: the example plugin's
+    assert entry["headers"] == {
+        "authorization": "<redacted>",
+        "x-session-token": "<redacted>",
+        "x-user": "ann",
+    }
     assert "s3cret" not in json.dumps(entry)
     assert entry["team"] == "Shop"

@@ -131,6 +131,7 @@ async def test_admin_port_health_reflection_and_config_dump(
     echo = dump["services"]["echo"]
     assert [e["address"] for e in echo["endpoints"]] == [upstream.address]
     assert echo["grpcServices"] == ["gmesh.v1.Echo"] and echo["chain"] == [
+        "tap",
         "metrics",
         "metrics-attempts",
         "balance",

@@ -33,6 +33,15 @@ def test_a_restarted_process_counts_from_zero() -> None:
     assert window(before, after)[KEY].calls == 7
 
 
+def test_counters_that_start_again_change_only_their_own_row() -> None:
+    # one service forgotten and called again in a long-lived process: its row restarts, the
+    # other rows of the process go on counting
+    before = {"p1": {KEY: signals(1_000_000), OTHER: signals(50)}}
+    after = {"p1": {KEY: signals(1_000_100), OTHER: signals(5)}}
+    rows = window(before, after)
+    assert rows[KEY].calls == 100 and rows[OTHER].calls == 5
+
+
 def test_quantiles_interpolate_inside_their_bucket() -> None:
     s = Signals({"OK": 100})
     s.buckets[6] = 100  # (0.0008, 0.001]

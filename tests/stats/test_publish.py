@@ -11,7 +11,7 @@ from gmesh.discovery.catalog import MeshSnapshot
 from gmesh.discovery.keys import MeshKeys
 from gmesh.outbound.mesh import MeshState
 from gmesh.stats.backend import PROCESS
-from gmesh.stats.publish import MAX_TXN_OPS, StatsPublisher
+from gmesh.stats.publish import MAX_TXN_BYTES, MAX_TXN_OPS, StatsPublisher, _chunks
 from gmesh.store.etcd import Store
 
 
@@ -47,6 +47,15 @@ async def test_every_changed_service_goes_out_in_one_write(store: Store, mesh_ke
     assert [kv.key for kv in changed] == [mesh_keys.stats("svc-3", PROCESS)]
     await publisher.close()
     assert (await store.get_prefix(mesh_keys.stats_root))[0] == []  # the lease went with it
+
+
+def test_transactions_stay_under_the_op_and_byte_limits() -> None:
+    small = [(f"s{i}", ("", "x" * 100)) for i in range(MAX_TXN_OPS + 1)]
+    assert [len(c) for c in _chunks(small)] == [MAX_TXN_OPS, 1]
+    big = [(f"s{i}", ("", "x" * (MAX_TXN_BYTES // 3))) for i in range(4)]
+    assert [len(c) for c in _chunks(big)] == [3, 1]
+    huge = [("s", ("", "x" * (MAX_TXN_BYTES * 2)))]
+    assert [len(c) for c in _chunks(huge)] == [1]  # one record alone: etcd decides
 
 
 async def test_more_services_than_one_transaction_takes(store: Store, mesh_keys: MeshKeys) -> None:

@@ -124,12 +124,14 @@ def gmesh_access_log_fields() -> list[Callable[[dict[str, Any], Call[Any]], None
     return [team_field]
 
 
-#: Request metadata never shown in telemetry (access log headers, span attributes).
-SECRETS = frozenset({"authorization", "cookie"})
+#: Request metadata of this (imaginary) organisation never shown in telemetry (access log
+#: headers, span attributes, tap); gmesh itself already hides `authorization`, cookies and
+#: `x-api-key`.
+SECRETS = frozenset({"x-session-token"})
 
 
 def hide_secrets(service: str, pairs: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    """Show credentials as `<redacted>` (what is sent upstream does not change)."""
+    """Show session tokens as `<redacted>` (what is sent upstream does not change)."""
     return [(key, "<redacted>" if key in SECRETS else value) for key, value in pairs]
 
 
