@@ -74,9 +74,9 @@ async def metrics_server() -> AsyncIterator[str]:
     await asyncio.to_thread(server.close)
 
 
-async def unary(door: Door, **request: Any) -> grpc.StatusCode:
+async def unary(door: Door, timeout: float = 10, **request: Any) -> grpc.StatusCode:
     try:
-        await door.stub.Unary(echo_pb2.EchoRequest(**request), timeout=10)
+        await door.stub.Unary(echo_pb2.EchoRequest(**request), timeout=timeout)
     except grpc.aio.AioRpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
@@ -260,3 +260,16 @@ async def test_an_ejection_and_its_endpoint_show(mesh: Mesh, door: Door, metrics
     assert m.sum("gmesh_endpoint_ejected", service="orders") == 1
     assert m.sum("gmesh_outlier_ejections_total", service="orders") == 1
     assert m.sum("gmesh_endpoint_failures_total", service="orders", endpoint=v2) == 3
+
+
+async def test_a_deadline_that_runs_out_counts_as_deadline_exceeded(
+    mesh: Mesh, door: Door, metrics_server: str
+) -> None:
+    await route(mesh, door, [rule("default")])
+    for _ in range(3):
+        assert await unary(door, delay_ms=2000, timeout=0.2) == grpc.StatusCode.DEADLINE_EXCEEDED
+    m = await scrape(metrics_server)
+    mine = {"door": door.name, "service": "orders", "method": UNARY}
+    # the caller's deadline, passed on to the upstream, runs out there first: not CANCELLED
+    assert m.by("gmesh_calls_total", "code", **mine) == {"DEADLINE_EXCEEDED": 3}
+    assert m.by("gmesh_attempts_total", "code", **mine) == {"DEADLINE_EXCEEDED": 3}

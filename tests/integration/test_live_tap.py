@@ -158,6 +158,7 @@ async def test_the_rate_cap_holds_and_every_skipped_call_is_counted(tapped: Any)
     first = next(i for i, e in enumerate(events) if any(h.key == "x-last" for h in e.metadata))
     k = int({h.key: h.value for h in events[first].metadata}["x-last"])
     unmarked = events[:first]
+    print(f"tap rate cap: {n / elapsed:.0f} calls/s offered, {len(unmarked)} events in {elapsed:.2f}s")
     # the bucket starts full (one second of events) and refills at `rate` per second
     assert len(unmarked) <= rate * (elapsed + 1) + 1, (len(unmarked), elapsed)
     assert len(unmarked) < n / 4  # the cap did bite
