@@ -34,6 +34,7 @@ def cli(log_level: str) -> None:
 
 def _add_builtin_commands() -> None:
     from gmesh.cli import (
+        ca_cmd,
         config_cmd,
         demo,
         etcd_cmd,
@@ -56,6 +57,7 @@ def _add_builtin_commands() -> None:
         config_cmd.schema,
         explain_cmd.explain,
         rollout_cmd.rollout,
+        ca_cmd.ca,
         stat_cmd.stat,
         stat_cmd.top,
         tap_cmd.tap,

@@ -75,6 +75,14 @@ class MeshKeys:
     def lock(self, name: str) -> str:
         return f"{self.prefix}locks/{_segment(name)}"
 
+    # ca/ : the trust bundle (certificates only, never a key) and join tokens (hashed, leased)
+    @property
+    def trust_bundle(self) -> str:
+        return f"{self.prefix}ca/bundle"
+
+    def join_token(self, digest: str) -> str:
+        return f"{self.prefix}ca/tokens/{digest}"
+
     @property
     def stats_root(self) -> str:
         return f"{self.prefix}stats/"

@@ -1,0 +1,1 @@
+"""Security: the mesh CA, workload identities, join tokens."""
