@@ -10,6 +10,7 @@ filter that judges a call (stats, outlier detection, retries, breakers, rollouts
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -182,7 +183,9 @@ OK = Outcome(grpc.StatusCode.OK)
 _OK_COMMITTED = Outcome(grpc.StatusCode.OK, committed=True)
 
 
-def outcome_of(error: BaseException | None, committed: bool = False) -> Outcome:
+def outcome_of(
+    error: BaseException | None, committed: bool = False, deadline: float | None = None
+) -> Outcome:
     """The one classification of how a call or attempt ended (None: it succeeded).
 
     - `CallError` (and `UpstreamError`): its code; an endpoint is to blame only for a
@@ -190,7 +193,9 @@ def outcome_of(error: BaseException | None, committed: bool = False) -> Outcome:
     - `grpc.aio.AioRpcError` (an upstream status not yet wrapped): as an endpoint's status;
       grpc.aio's synthetic INTERNAL (a write raced the end and the real status never came)
       means the connection broke: UNAVAILABLE, the endpoint's fault.
-    - `asyncio.CancelledError`: CANCELLED, nobody's failure (the caller went away).
+    - `asyncio.CancelledError`: CANCELLED, nobody's failure (the caller went away) — unless
+      `deadline` (a `time.monotonic()` value) is given and has passed: then the call's deadline
+      ran out first, DEADLINE_EXCEEDED as its caller saw it (a failure, no endpoint's fault).
     - anything else: INTERNAL, a failure of gmesh itself, not of the endpoint.
     """
     if error is None:
@@ -215,6 +220,10 @@ def outcome_of(error: BaseException | None, committed: bool = False) -> Outcome:
         failed = code in SERVER_ERRORS
         return Outcome(code, details, failed=failed, endpoint_fault=failed, committed=committed)
     if isinstance(error, asyncio.CancelledError):
+        if deadline is not None and time.monotonic() >= deadline:
+            return Outcome(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", failed=True, committed=committed
+            )
         return Outcome(grpc.StatusCode.CANCELLED, "cancelled", committed=committed)
     return Outcome(
         grpc.StatusCode.INTERNAL,

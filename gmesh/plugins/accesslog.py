@@ -12,10 +12,9 @@ random draw.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from typing import Any
-
-from opentelemetry import trace
 
 from gmesh.chain.call import Call, Door
 from gmesh.chain.filter import BuildContext, Filter, FilterFactory, Handler, Phase
@@ -38,9 +37,11 @@ def _trace_id(call: Call[Any]) -> str | None:
         if key == "traceparent" and isinstance(value, str) and len(value) >= 35:
             return value[3:35]
     if call.door is Door.CHANNEL:
-        context = trace.get_current_span().get_span_context()
-        if context.is_valid:
-            return format(context.trace_id, "032x")
+        trace = sys.modules.get("opentelemetry.trace")  # the application's current span, if it traces
+        if trace is not None:
+            context = trace.get_current_span().get_span_context()
+            if context.is_valid:
+                return format(context.trace_id, "032x")
     return None
 
 
@@ -66,7 +67,7 @@ class LogCalls:
         try:
             return await next(call)
         except BaseException as exc:
-            code = outcome_of(exc, call.committed).code.name
+            code = outcome_of(exc, call.committed, call.deadline).code.name
             raise
         finally:
             try:

@@ -50,7 +50,7 @@ class ObserveCalls:
         try:
             return await next(call)
         except BaseException as exc:
-            code = outcome_of(exc, call.committed).code
+            code = outcome_of(exc, call.committed, call.deadline).code
             raise
         finally:
             elapsed = _clock() - started
@@ -73,7 +73,8 @@ class ObserveAttempts:
             result = await next(call)
         except BaseException as exc:
             if call.endpoint is not None:  # else nothing was sent: the balancer refused it
-                self._cell(call).record(outcome_of(exc, call.committed).code, _clock() - started)
+                outcome = outcome_of(exc, call.committed, call.deadline)
+                self._cell(call).record(outcome.code, _clock() - started)
             raise
         self._cell(call).record(OK, _clock() - started)
         return result

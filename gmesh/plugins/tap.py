@@ -50,7 +50,7 @@ class TapCalls:
             result = await next(call)
             return result
         except BaseException as exc:
-            code = outcome_of(exc, call.committed).code.name
+            code = outcome_of(exc, call.committed, call.deadline).code.name
             raise
         finally:
             try:

@@ -17,12 +17,9 @@ application's, or `gmesh proxy`'s from `OTEL_*` variables): otherwise tracing co
 
 from __future__ import annotations
 
+import importlib
 import random
-from typing import Any
-
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from typing import TYPE_CHECKING, Any
 
 from gmesh.chain.call import Call, Door
 from gmesh.chain.filter import BuildContext, Filter, FilterFactory, Handler, Phase
@@ -33,8 +30,22 @@ from gmesh.stats.edits import NO_EDITS, TelemetryEdits, report_failure
 from gmesh.stats.metrics import backend_label
 from gmesh.stats.traces import incoming, tracer, with_context
 
+if TYPE_CHECKING:
+    from opentelemetry import trace
+
 _PROXY = Door.PROXY
-_ERROR = Status(StatusCode.ERROR)
+# The OpenTelemetry API, imported when the first tracing filter is built (`_load`): a process with
+# no tracer provider (which it could only have set up after importing OpenTelemetry) never pays
+# for the import.
+otel_context: Any = None
+otel_trace: Any = None
+
+
+def _load() -> None:
+    global otel_context, otel_trace
+    if otel_trace is None:
+        otel_context = importlib.import_module("opentelemetry.context")
+        otel_trace = importlib.import_module("opentelemetry.trace")
 
 
 def _names(method: str) -> tuple[str, str, str]:
@@ -66,7 +77,7 @@ class TraceCalls:
 
     async def __call__(self, call: Call[Any], next: Handler, /) -> Any:
         parent = incoming(call.metadata) if call.door is _PROXY else otel_context.get_current()
-        caller = None if parent is None else trace.get_current_span(parent).get_span_context()
+        caller = None if parent is None else otel_trace.get_current_span(parent).get_span_context()
         if caller is None or not caller.is_valid:
             # no trace to continue (none, baggage alone, a malformed traceparent): this call
             # may start one; baggage that came stays in its context
@@ -83,7 +94,7 @@ class TraceCalls:
         span = self.tracer.start_span(
             name,
             context=parent,
-            kind=SpanKind.SERVER if server else SpanKind.INTERNAL,
+            kind=otel_trace.SpanKind.SERVER if server else otel_trace.SpanKind.INTERNAL,
             attributes={
                 "rpc.system": "grpc",
                 "rpc.service": rpc_service,
@@ -102,11 +113,11 @@ class TraceCalls:
         try:
             return await next(call)
         except BaseException as exc:
-            outcome = outcome_of(exc, call.committed)
+            outcome = outcome_of(exc, call.committed, call.deadline)
             code = outcome.code.value[0]
             # a server span fails when the server side failed; a client's, on any error
             if not server or outcome.code in SERVER_ERRORS:
-                span.set_status(Status(StatusCode.ERROR, outcome.details))
+                span.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR, outcome.details))
             raise
         finally:
             rule = call.route
@@ -155,17 +166,19 @@ class TraceAttempts:
             reason = call.stash.get("gmesh.retry_reason")
             if reason is not None:
                 attributes["gmesh.retry_reason"] = reason
-        context = trace.set_span_in_context(parent)
-        span = self.tracer.start_span(name, context=context, kind=SpanKind.CLIENT, attributes=attributes)
+        context = otel_trace.set_span_in_context(parent)
+        span = self.tracer.start_span(
+            name, context=context, kind=otel_trace.SpanKind.CLIENT, attributes=attributes
+        )
         metadata = call.metadata
-        call.metadata = with_context(metadata, trace.set_span_in_context(span, context))
+        call.metadata = with_context(metadata, otel_trace.set_span_in_context(span, context))
         code = 0
         try:
             return await next(call)
         except BaseException as exc:
             outcome = outcome_of(exc, call.committed)
             code = outcome.code.value[0]
-            span.set_status(Status(StatusCode.ERROR, outcome.details))
+            span.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR, outcome.details))
             call.stash["gmesh.retry_reason"] = outcome.code.name
             raise
         finally:
@@ -195,6 +208,7 @@ class TracingFactory:
         found = tracer()
         if found is None or not settings.tracing:
             return None
+        _load()
         return TraceCalls(found, ctx.service, settings.sample_ratio, settings.trace_headers, ctx.mesh.edits)
 
 
@@ -209,6 +223,7 @@ class AttemptTracingFactory:
         found = tracer()
         if found is None or not settings.tracing:
             return None
+        _load()
         return TraceAttempts(found, ctx.service)
 
 

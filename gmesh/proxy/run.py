@@ -29,9 +29,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import gmesh.metrics
 from gmesh.chain.replay import REPLAY_BUDGET
 from gmesh.discovery.keys import MeshKeys
 from gmesh.discovery.lease import LeasedKey
@@ -43,6 +42,9 @@ from gmesh.proxy.admin import AdminServer
 from gmesh.proxy.server import ProxyServer
 from gmesh.stats import accesslog, traces
 from gmesh.store.etcd import EtcdConfig
+
+if TYPE_CHECKING:
+    from gmesh.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ class RunningProxy:
         self.pool: EndpointPool
         self.server: ProxyServer
         self.admin: AdminServer | None = None
-        self.metrics: gmesh.metrics.MetricsServer | None = None
+        self.metrics: MetricsServer | None = None
         self.record: LeasedKey | None = None
         self.id = ""
         self.serving = False
@@ -163,7 +165,9 @@ class RunningProxy:
                 host, _, port_text = s.metrics.rpartition(":")
                 host = host.strip("[]")  # [::1]:9464
                 metrics_port = int(port_text) + s.worker if int(port_text) else 0
-                self.metrics = gmesh.metrics.serve(metrics_port, host, gmesh.metrics.process_registry())
+                from gmesh.metrics import process_registry, serve
+
+                self.metrics = serve(metrics_port, host, process_registry())
         except BaseException:
             if self.admin is not None:
                 await self.admin.stop()

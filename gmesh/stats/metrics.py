@@ -28,8 +28,6 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
 
 from gmesh.chain.call import Door, Meter
 from gmesh.stats.traces import SPANS
@@ -390,6 +388,10 @@ class Families:
         self.values[name][labels] = (buckets, total)
 
     def families(self) -> Iterator[Any]:
+        # imported here: prometheus_client costs ~35 ms to import, which a process that never
+        # serves or scrapes metrics (most channel applications) should not pay at start
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
         for name, (kind, doc, labels) in FAMILIES.items():
             full = f"gmesh_{name}"
             family: Any
@@ -408,8 +410,9 @@ class Families:
             yield family
 
 
-class MeshCollector(Collector):
-    """The process's one Prometheus collector: every live mesh stack's metrics, summed."""
+class MeshCollector:
+    """The process's one Prometheus collector (prometheus_client's `Collector` protocol: `collect`
+    and `describe`): every live mesh stack's metrics, summed."""
 
     def __init__(self) -> None:
         self._meshes: weakref.WeakSet[MeshMetrics] = weakref.WeakSet()

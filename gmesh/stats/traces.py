@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterable
-from typing import Any
-
-from opentelemetry import propagate, trace
-from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import Getter
+from typing import TYPE_CHECKING, Any
 
 from gmesh.chain.metadata import Metadata
+
+if TYPE_CHECKING:
+    from opentelemetry import trace
+    from opentelemetry.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,10 @@ SPANS = SpanCounts()
 
 def tracer() -> trace.Tracer | None:
     """gmesh's tracer from the global provider, or None when no real provider is set up."""
+    if "opentelemetry.trace" not in sys.modules:
+        return None  # nobody imported OpenTelemetry, so nobody set up a provider: stay light
+    from opentelemetry import trace
+
     provider = trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
         return None
@@ -52,7 +57,9 @@ def tracer() -> trace.Tracer | None:
     return provider.get_tracer("gmesh", __version__)
 
 
-class _MetadataGetter(Getter[Metadata]):
+class _MetadataGetter:
+    """OpenTelemetry's `Getter` over gRPC metadata pairs."""
+
     def get(self, carrier: Metadata, key: str) -> list[str] | None:
         found = [v for k, v in carrier if k == key and isinstance(v, str)]
         return found or None
@@ -70,12 +77,16 @@ def incoming(metadata: Metadata) -> Context | None:
     """The trace context a caller sent in its metadata, or None when it sent none."""
     for key, _ in metadata:
         if key in CONTEXT_KEYS:
-            return propagate.extract(metadata, getter=_GETTER)
+            from opentelemetry import propagate
+
+            return propagate.extract(metadata, getter=_GETTER)  # type: ignore[arg-type]
     return None
 
 
 def with_context(metadata: Metadata, context: Context) -> Metadata:
     """`metadata` carrying `context` (W3C traceparent, tracestate, baggage) instead of what it had."""
+    from opentelemetry import propagate
+
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=context)
     if not carrier:
@@ -98,6 +109,8 @@ def configure_from_env(service_name: str) -> bool:
         return False
     if tracer() is not None:
         return False  # set up already (by the application, or opentelemetry-instrument)
+    from opentelemetry import trace
+
     try:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -120,8 +133,12 @@ def configure_from_env(service_name: str) -> bool:
 def flush(timeout: float = 3.0) -> None:
     """Send what is queued and stop exporting (at a proxy's stop), giving up after `timeout`
     seconds: a collector that is away never holds a stopping proxy."""
+    if not SPANS.active:
+        return
+    from opentelemetry import trace
+
     provider: Any = trace.get_tracer_provider()
-    if not (SPANS.active and hasattr(provider, "shutdown")):
+    if not hasattr(provider, "shutdown"):
         return
     ending = threading.Thread(target=provider.shutdown, name="gmesh-trace-flush", daemon=True)
     ending.start()
