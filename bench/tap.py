@@ -68,10 +68,9 @@ def main() -> None:
                         env=setup["env"], stdout=out, stderr=subprocess.PIPE, text=True,
                     )  # fmt: skip
                     assert tap.stderr is not None
-                    while "tapping echo" not in tap.stderr.readline():
+                    while "tapping echo" not in tap.stderr.readline():  # said once its tap is open
                         if tap.poll() is not None:
                             raise RuntimeError("gmesh tap exited")
-                    time.sleep(0.5)  # let its Tap call reach the proxy before the load starts
                 cpu0 = cpu_seconds(setup["proxy_pid"])
                 started = time.monotonic()
                 done = load(setup["proxy"], workdir, args.rps, args.seconds)

@@ -183,15 +183,24 @@ def tap(
             raise NotFound("no running proxy to tap (start one, or name an admin port with --admin)")
         events: asyncio.Queue[tuple[str, Any] | BaseException] = asyncio.Queue(1000)
 
+        settled = {address: asyncio.Event() for address in found}  # its tap is open, or refused
+
         async def follow(address: str) -> None:
             try:
                 async with grpc.aio.insecure_channel(address) as channel:
-                    async for event in admin_pb2_grpc.AdminStub(channel).Tap(request):
+                    call = admin_pb2_grpc.AdminStub(channel).Tap(request)
+                    await call.initial_metadata()  # the process opened the tap (or the call failed)
+                    settled[address].set()
+                    async for event in call:
                         await events.put((address, event))
             except grpc.aio.AioRpcError as exc:
                 await events.put(RuntimeError(f"{address}: {exc.code().name}: {exc.details()}"))
+            finally:
+                settled[address].set()
 
         tasks = [asyncio.create_task(follow(a)) for a in found]
+        # say so once every tap is open: calls from then on are seen (scripts can wait for this line)
+        await asyncio.gather(*(e.wait() for e in settled.values()))
         click.echo(f"tapping {service} on {', '.join(found)} (Ctrl-C stops)", err=True)
         shown = 0
         try:

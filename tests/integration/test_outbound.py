@@ -384,7 +384,8 @@ async def test_cancel_interrupts_a_retry_backoff_and_a_breaker_wait(
         server.servicer.fail_share = 1.0
         call = stub.Unary(echo_pb2.EchoRequest(), timeout=60)
         await until(lambda: server.servicer.calls.get("Unary", 0) == 1, 5, "the first attempt")
-        await asyncio.sleep(0.05)  # in the backoff now
+        # the retry is counted just before its backoff starts: in the backoff now
+        await until(lambda: outbound.mesh.budgets["svc"][1].retries == 1, 5, "the retry's backoff")
         cancelled_at = time.monotonic()
         assert call.cancel()
         with pytest.raises(asyncio.CancelledError):
