@@ -62,8 +62,14 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
         caller_labels: Mapping[str, str] | None = None,
         zone: str | None = None,
         idle_timeout: float | None = None,
+        identity: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.service = service
+        #: the mesh service this process calls as (mutual TLS to endpoints that offer it)
+        self._identity_service = check_service_name(identity) if identity else None
+        self._token = token
+        self.identity: Any = None
         #: this process as route rules and zone-aware balancers see the caller
         zone = os.environ.get("GMESH_ZONE", "") if zone is None else zone
         self.caller = Caller(labels=dict(caller_labels or {}), zone=zone)
@@ -82,6 +88,25 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
     async def _start(self) -> Outbound:
         config = self._etcd if isinstance(self._etcd, EtcdConfig) else await resolve_etcd(self._etcd)
         outbound = await stack.acquire(config, self._keys, idle_timeout=self._idle_timeout)
+        if self._identity_service is not None:
+            from gmesh.security import identity as identities
+
+            try:
+                self.identity = await identities.acquire(
+                    outbound.store, self._keys, self._identity_service, mesh=config.describe(),
+                    token=self._token,
+                )  # fmt: skip
+            except BaseException:
+                await stack.release(outbound)
+                raise
+            profile = self._profile
+            self._profile = Profile(
+                options=profile.options,
+                credentials=profile.credentials,
+                interceptors=profile.interceptors,
+                identity=self.identity,
+            )
+            self.caller.identity = self.identity.spiffe_id
         self.pool = outbound.pool(self._profile)
         self.outbound = outbound
         return outbound
@@ -115,6 +140,10 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
         if outbound is not None:
             if self.pool is not None:
                 await outbound.release_pool(self.pool, grace)
+            if self.identity is not None:
+                from gmesh.security import identity as identities
+
+                await identities.release(self.identity)
             await stack.release(outbound)
 
     async def __aenter__(self) -> MeshChannel:
@@ -214,6 +243,8 @@ def channel(
     caller_labels: Mapping[str, str] | None = None,
     zone: str | None = None,
     idle_timeout: float | None = None,
+    identity: str | None = None,
+    token: str | None = None,
 ) -> MeshChannel:
     """A `grpc.aio.Channel` to the mesh service in `target` (`gmesh:///orders`).
 
@@ -224,8 +255,12 @@ def channel(
     which Route rules match with `match.caller.labels`; `zone`: where this process runs
     (default `GMESH_ZONE`), for zone-aware balancing; `idle_timeout`: seconds without calls
     after which a service's connections are closed (default `GMESH_IDLE_TIMEOUT` or 10
-    minutes; the shortest asked for in a process applies). The channel connects on first
-    use; `await channel.close()` releases its share.
+    minutes; the shortest asked for in a process applies); `identity`: the mesh service this
+    process calls as — its certificate is fetched from the mesh CA at first use (a join token
+    as `token` or GMESH_JOIN_TOKEN, or the local token on the CA's machine), renewed by
+    itself, and presented in mutual TLS to every endpoint that offers it (endpoints must then
+    present a mesh certificate of the service called). The channel connects on first use;
+    `await channel.close()` releases its share.
     """
     return MeshChannel(
         parse_target(target),
@@ -237,4 +272,6 @@ def channel(
         caller_labels=caller_labels,
         zone=zone,
         idle_timeout=idle_timeout,
+        identity=identity,
+        token=token,
     )

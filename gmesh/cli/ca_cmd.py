@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 import click
@@ -11,7 +14,7 @@ import click
 from gmesh.cli.common import DURATION, MeshTarget, mesh_options, run
 from gmesh.errors import Conflict, NotFound
 
-ROOT_CERT, ROOT_KEY, SETTINGS = "root.pem", "root.key.pem", "ca.json"
+ROOT_CERT, ROOT_KEY, SETTINGS, LOCAL_TOKEN = "root.pem", "root.key.pem", "ca.json", "local-token"
 
 
 def ca_dir(given: str | None) -> Path:
@@ -77,13 +80,21 @@ def init(target: MeshTarget, trust_domain: str, directory: str | None, force: bo
     _write_private(where / ROOT_KEY, key_pem(root.key))
     (where / ROOT_CERT).write_bytes(cert_pem(root.cert))
     (where / SETTINGS).write_text(json.dumps({"trustDomain": trust_domain}))
+    # The local token: workloads of this user on this machine get certificates with it (no join
+    # token needed); it never leaves the machine.
+    import secrets
+
+    _write_private(where / LOCAL_TOKEN, secrets.token_urlsafe(32).encode())
 
     async def go() -> None:
         async with target.store() as store:
             await write_bundle(store, target.keys, TrustBundle(trust_domain, (cert_pem(root.cert).decode(),)))
 
     run(go())
-    click.echo(f"CA for trust domain {trust_domain} in {where} (key 0600); trust bundle written to etcd")
+    click.echo(
+        f"CA for trust domain {trust_domain} in {where} (key and local token 0600); "
+        "trust bundle written to etcd"
+    )
 
 
 @ca.command()
@@ -120,9 +131,17 @@ def token(target: MeshTarget, service: str, ttl: float) -> None:
 @click.option(
     "--lifetime", type=DURATION, default="24h", show_default=True, help="lifetime of the leaves it signs"
 )
+@click.option(
+    "--local-token/--no-local-token",
+    default=True,
+    show_default=True,
+    help="accept the local token file of `gmesh ca init` (workloads of this user on this machine)",
+)
 @mesh_options
-def serve(target: MeshTarget, listen: str, directory: str | None, lifetime: float) -> None:
-    """Serve the CA (gmesh.v1.CertificateAuthority), registered in the mesh as service gmesh-ca."""
+def serve(target: MeshTarget, listen: str, directory: str | None, lifetime: float, local_token: bool) -> None:
+    """Serve the CA (gmesh.v1.CertificateAuthority) over TLS, registered in the mesh as service
+    gmesh-ca. Workloads verify it with the trust bundle; it signs first certificates for join
+    tokens (or the local token) and renewals for the current certificate."""
     import datetime
 
     import grpc.aio
@@ -130,32 +149,45 @@ def serve(target: MeshTarget, listen: str, directory: str | None, lifetime: floa
     from gmesh.discovery.registry import register
     from gmesh.proxy.server import bind
     from gmesh.security.ca import Root
-    from gmesh.security.service import SERVICE_NAME, CertificateAuthority
+    from gmesh.security.service import SERVICE_NAME, CaLeaf, CertificateAuthority
     from gmesh.store.connect import resolve_etcd
     from gmesh.store.etcd import Store
     from gmesh.v1 import ca_pb2_grpc
 
-    root = load_root(ca_dir(directory))
+    where = ca_dir(directory)
+    root = load_root(where)
     assert isinstance(root, Root)
+    token = None
+    if local_token:
+        with contextlib.suppress(OSError):
+            token = (where / LOCAL_TOKEN).read_text().strip() or None
 
     async def go() -> None:
         config = await resolve_etcd(target.etcd, **target.options)
         store = await Store.connect(config)
         server = grpc.aio.server()
-        authority = CertificateAuthority(
-            root, store, target.keys, lifetime=datetime.timedelta(seconds=lifetime)
-        )
+        life = datetime.timedelta(seconds=lifetime)
+        authority = CertificateAuthority(root, store, target.keys, lifetime=life, local_token=token)
         ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(authority, server)
-        address = bind(server, listen)
+        leaf = CaLeaf(root, life)
+        address = bind(server, listen, credentials=leaf.credentials())
         await server.start()
+
+        async def renew_own_leaf() -> None:
+            while True:
+                await asyncio.sleep(max(leaf.renew_at - time.time(), 0.5))
+                leaf.refresh()
+
+        renewing = asyncio.get_running_loop().create_task(renew_own_leaf())
         try:
             async with register(
                 address, service="gmesh-ca", grpc_services=[SERVICE_NAME], reflection=False, etcd=config,
-                prefix=target.keys.prefix,
+                prefix=target.keys.prefix, tls=True,
             ):  # fmt: skip
                 click.echo(f"gmesh ca serving on {address} (trust domain {root.trust_domain})", err=True)
                 await server.wait_for_termination()
         finally:
+            renewing.cancel()
             await server.stop(1)
             await store.close()
 

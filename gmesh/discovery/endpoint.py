@@ -139,8 +139,10 @@ class Endpoint:
     """One address serving a mesh service, as registered in etcd. Immutable.
 
     `grpc_services` lets a proxy find the destination from a method path; `methods` (from
-    reflection, may be empty) tells the kind of each method. `lease` and `revision` come
-    from etcd and are not part of the stored JSON.
+    reflection, may be empty) tells the kind of each method. `tls`: the address where the
+    endpoint serves mutual TLS with a mesh certificate ('' = none; equal to `address` when it
+    serves only mTLS, STRICT). `lease` and `revision` come from etcd and are not part of the
+    stored JSON.
     """
 
     service: str
@@ -154,6 +156,7 @@ class Endpoint:
     registered_at: float = 0.0
     host: str = ""
     pid: int = 0
+    tls: str = ""
     lease: int = field(default=0, compare=False)
     revision: int = field(default=0, compare=False)
 
@@ -162,8 +165,10 @@ class Endpoint:
         return self.address
 
     def to_json(self) -> bytes:
+        tls = {"tls": self.tls} if self.tls else {}
         return json.dumps(
             {
+                **tls,
                 "address": self.address,
                 "labels": dict(self.labels),
                 "grpcServices": list(self.grpc_services),
@@ -218,6 +223,14 @@ class Endpoint:
                 methods = MappingProxyType({str(k): _KINDS[v] for k, v in raw_methods.items()})
             except (KeyError, TypeError, AttributeError):
                 raise ValueError(f"endpoint methods must map paths to one of {', '.join(_KINDS)}") from None
+        tls = data.get("tls") or ""
+        if tls:
+            if not isinstance(tls, str):
+                raise ValueError("endpoint tls must be an address")
+            try:
+                parse_address(tls)
+            except InvalidArgument as exc:
+                raise ValueError(f"tls: {exc}") from None
         grpc_services = tuple(str(s) for s in data.get("grpcServices") or ())
         if like is not None and grpc_services == like.grpc_services:
             grpc_services = like.grpc_services
@@ -233,6 +246,7 @@ class Endpoint:
             registered_at=float(data.get("registeredAt") or 0.0),
             host=str(data.get("host") or ""),
             pid=int(data.get("pid") or 0),
+            tls=tls,
             lease=lease,
             revision=revision,
         )

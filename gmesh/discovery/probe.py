@@ -35,9 +35,20 @@ class ServedApi:
     methods: dict[str, MethodKind]
 
 
-async def reflect(address: str, *, timeout: float = 3.0) -> ServedApi | None:
+#: how to dial a server that serves only mutual TLS: (client credentials, its service name)
+Secure = tuple[grpc.ChannelCredentials, str]
+
+
+def _channel(address: str, secure: Secure | None) -> grpc.aio.Channel:
+    if secure is None:
+        return grpc.aio.insecure_channel(address)
+    credentials, name = secure
+    return grpc.aio.secure_channel(address, credentials, [("grpc.ssl_target_name_override", name)])
+
+
+async def reflect(address: str, *, timeout: float = 3.0, secure: Secure | None = None) -> ServedApi | None:
     """The gRPC services and method kinds `address` serves, or None if it offers no reflection."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with _channel(address, secure) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         try:
             async with asyncio.timeout(timeout):
@@ -97,9 +108,11 @@ def _methods_of(service: str, raw: bytes) -> dict[str, MethodKind]:
     return found
 
 
-async def health(address: str, *, service: str = "", timeout: float = 2.0) -> str:
+async def health(
+    address: str, *, service: str = "", timeout: float = 2.0, secure: Secure | None = None
+) -> str:
     """`SERVING`, `NOT_SERVING`, `SERVICE_UNKNOWN`, `UNKNOWN`, or `UNREACHABLE: <why>`."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with _channel(address, secure) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

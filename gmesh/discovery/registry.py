@@ -71,8 +71,17 @@ class Registration:
         health_interval: float = 2.0,
         handle_sigterm: bool = True,
         drain_delay: float = DEFAULT_DRAIN_DELAY,
+        tls: bool = False,
+        tls_address: str | None = None,
+        identity: Any = None,
     ) -> None:
         parse_address(address)
+        if tls_address is not None:
+            parse_address(tls_address)
+        #: where the endpoint serves mutual TLS ('' = nowhere); `tls=True`: `address` itself
+        self.tls_address = tls_address or (address if tls else "")
+        #: a `WorkloadIdentity` to probe an mTLS-only address with (reflection, health)
+        self._identity = identity
         check_service_name(service)
         if ttl < MIN_TTL:
             raise InvalidArgument(f"ttl must be at least {MIN_TTL} seconds, got {ttl}")
@@ -132,7 +141,7 @@ class Registration:
     async def _describe(self) -> Endpoint:
         services, methods, source = self.given_services, {}, "given"
         if self._reflection:
-            api = await probe.reflect(self.address)
+            api = await probe.reflect(self.address, secure=self._secure())
             if api is not None and api.services:
                 missing = set(self.given_services) - set(api.services)
                 if missing:
@@ -154,7 +163,16 @@ class Registration:
             registered_at=time.time(),
             host=socket.gethostname(),
             pid=os.getpid(),
+            tls=self.tls_address,
         )
+
+    def _secure(self) -> probe.Secure | None:
+        """How to reach `address` when it serves only mTLS (probes present this identity)."""
+        if self.tls_address != self.address:
+            return None
+        if self._identity is None:
+            return None
+        return (self._identity.channel_credentials(), self.service)
 
     @property
     def published(self) -> bool:
@@ -181,7 +199,9 @@ class Registration:
 
     async def _is_serving(self) -> bool:
         _, service, interval = self._health
-        status = await probe.health(self.address, service=service, timeout=max(interval, 1.0))
+        status = await probe.health(
+            self.address, service=service, timeout=max(interval, 1.0), secure=self._secure()
+        )
         return status == "SERVING"
 
     async def _health_loop(self) -> None:
@@ -239,7 +259,11 @@ def register(address: str, *, service: str, **options: Any) -> Registration:
     `grpc.health.v1` and withdraw while not SERVING), `health_service`, `health_interval`,
     `handle_sigterm` (default True: on SIGTERM, withdraw first, then terminate as before —
     only when the process has no SIGTERM handler of its own), `drain_delay` (seconds to keep
-    serving after withdrawing, before the block ends or SIGTERM ends the process; default 2).
+    serving after withdrawing, before the block ends or SIGTERM ends the process; default 2),
+    `tls=True` (`address` serves only mutual TLS with this service's mesh certificate: callers
+    with an identity dial it with mTLS) or `tls_address` (another address of this server that
+    serves mTLS, next to the plaintext `address`: PERMISSIVE), `identity` (the server's
+    `WorkloadIdentity`: reflection and health probes of an mTLS-only address present it).
     """
     return Registration(address, service=service, **options)
 

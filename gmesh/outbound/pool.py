@@ -22,7 +22,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -30,6 +30,7 @@ import grpc.aio
 
 if TYPE_CHECKING:
     from gmesh.discovery.endpoint import Endpoint
+    from gmesh.security.identity import WorkloadIdentity
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,12 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> list[tuple[
 
 
 class Profile:
-    """How a pool's connections are made: options, credentials, interceptors. Profiles are the
-    same when their options are equal and their credentials and interceptors are the same
+    """How a pool's connections are made: options, credentials, interceptors, and the workload
+    identity they present (mutual TLS to endpoints that offer it). Profiles are the same when
+    their options are equal and their credentials, interceptors and identity are the same
     objects."""
 
-    __slots__ = ("credentials", "interceptors", "key", "options")
+    __slots__ = ("credentials", "identity", "interceptors", "key", "options")
 
     def __init__(
         self,
@@ -67,6 +69,7 @@ class Profile:
         options: Sequence[tuple[str, Any]] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         interceptors: Sequence[Any] | None = None,
+        identity: WorkloadIdentity | None = None,
     ) -> None:
         # Options given by the user replace gmesh's defaults of the same name (gRPC would
         # keep the first of two, silently).
@@ -75,21 +78,36 @@ class Profile:
         self.options = list(merged.items())
         self.credentials = credentials
         self.interceptors = list(interceptors) if interceptors else None
+        self.identity = identity
         self.key = (
             tuple(sorted((k, repr(v)) for k, v in merged.items())),
             id(credentials) if credentials is not None else None,
             tuple(id(i) for i in interceptors or ()),
+            id(identity) if identity is not None else None,
         )
 
 
 class EndpointConn:
-    """One endpoint's channel and its call objects, cached by kind, method and (de)serializer."""
+    """One endpoint's channel and its call objects, cached by kind, method and (de)serializer.
 
-    __slots__ = ("_calls", "address", "channel")
+    With an identity in the profile and `tls` (the endpoint's mTLS address), the channel goes
+    there with mutual TLS: it presents the identity's current certificate and accepts only a
+    mesh certificate naming `server_name` (the endpoint's service; grpc checks DNS SANs)."""
 
-    def __init__(self, address: str, profile: Profile) -> None:
+    __slots__ = ("_calls", "address", "channel", "tls")
+
+    def __init__(self, address: str, profile: Profile, *, tls: str = "", server_name: str = "") -> None:
         self.address = address
-        if profile.credentials is not None:
+        self.tls = tls if profile.identity is not None else ""
+        if self.tls:
+            assert profile.identity is not None
+            self.channel = grpc.aio.secure_channel(
+                self.tls,
+                profile.identity.channel_credentials(),
+                [*profile.options, ("grpc.ssl_target_name_override", server_name)],
+                interceptors=profile.interceptors,
+            )
+        elif profile.credentials is not None:
             self.channel = grpc.aio.secure_channel(
                 address, profile.credentials, list(profile.options), interceptors=profile.interceptors
             )
@@ -140,10 +158,14 @@ class EndpointPool:
         profile: Profile | None = None,
         *,
         addresses_of: Callable[[str], Iterable[str]] = lambda service: (),
+        tls_of: Callable[[str], Mapping[str, str]] = lambda service: {},
         drain_timeout: float = 30.0,
         on_state_change: Callable[[], None] | None = None,
     ) -> None:
         self.profile = profile or Profile()
+        #: service -> {address: its mTLS address} (asked only when the profile has an identity)
+        self._tls_of = tls_of
+        self.rebuilds = 0
         self.drain_timeout = drain_timeout
         self._addresses_of = addresses_of
         self._on_state_change = on_state_change
@@ -196,6 +218,41 @@ class EndpointPool:
         for address in had - wanted:
             self._let_go(address, service)
         self.services[service] = wanted
+        if self.profile.identity is not None and had:
+            # an endpoint that started (or stopped) offering mTLS: reconnect it the new way
+            tls = self._tls_of(service)
+            for address in wanted & had:
+                conn = self._conns.get(address)
+                if conn is not None and conn.tls != tls.get(address, ""):
+                    self._replace(address, service, tls)
+
+    def rebuild(self) -> None:
+        """New connections for every endpoint (the identity's certificate or roots changed: grpc
+        cannot rotate a channel's credentials). New calls take the new channels at once; calls
+        on the old ones get `drain_timeout` to finish."""
+        if self.closed:
+            return
+        self.rebuilds += 1
+        tls_by_service: dict[str, Mapping[str, str]] = {}
+        for address in list(self._conns):
+            service = next(iter(self._users.get(address) or ()), "")
+            if service not in tls_by_service:
+                tls_by_service[service] = self._tls_of(service) if service else {}
+            self._replace(address, service, tls_by_service[service])
+
+    def _replace(self, address: str, service: str, tls: Mapping[str, str]) -> None:
+        old = self._conns.get(address)
+        conn = self._conns[address] = EndpointConn(
+            address, self.profile, tls=tls.get(address, ""), server_name=service
+        )
+        watcher = self._watchers.pop(address, None)
+        if watcher is not None:
+            watcher.cancel()
+        self._watch(conn)
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(self._drain(old))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def release(self, service: str) -> None:
         """`service` is idle (or gone): close the connections no other service here needs."""
@@ -203,14 +260,18 @@ class EndpointPool:
             self._let_go(address, service)
 
     def _open(self, address: str, service: str) -> EndpointConn:
-        conn = self._conns[address] = EndpointConn(address, self.profile)
+        tls = self._tls_of(service).get(address, "") if self.profile.identity is not None else ""
+        conn = self._conns[address] = EndpointConn(address, self.profile, tls=tls, server_name=service)
         self._users.setdefault(address, set()).add(service)
         self.services.setdefault(service, set()).add(address)
-        with contextlib.suppress(RuntimeError):  # no running loop: no connectivity to follow
-            self._watchers[address] = asyncio.get_running_loop().create_task(
-                self._follow(conn), name=f"gmesh-endpoint {address}"
-            )
+        self._watch(conn)
         return conn
+
+    def _watch(self, conn: EndpointConn) -> None:
+        with contextlib.suppress(RuntimeError):  # no running loop: no connectivity to follow
+            self._watchers[conn.address] = asyncio.get_running_loop().create_task(
+                self._follow(conn), name=f"gmesh-endpoint {conn.address}"
+            )
 
     def _let_go(self, address: str, service: str) -> None:
         users = self._users.get(address)
@@ -261,6 +322,8 @@ class EndpointPool:
 
     def describe(self) -> dict[str, Any]:
         return {
+            "identity": self.profile.identity.spiffe_id if self.profile.identity is not None else None,
+            "mtls": sum(1 for c in self._conns.values() if c.tls),
             "connections": len(self._conns),
             "down": sorted(self.down),
             "services": sorted(self.services),

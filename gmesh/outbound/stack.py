@@ -111,6 +111,7 @@ class Outbound:
         self.health = HealthChecks(self.mesh.states, self._conn_anywhere)
         self.publisher = StatsPublisher(store, keys, self.mesh.stats, self.mesh.metrics)
         self._pools: dict[Any, tuple[EndpointPool, int]] = {}
+        self._unhooks: dict[Any, Callable[[], None]] = {}
         self._listeners: list[Callable[[Outbound], None]] = []
         self._activity: dict[str, tuple[int, float]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -169,9 +170,14 @@ class Outbound:
             pool = EndpointPool(
                 profile,
                 addresses_of=lambda s: (e.address for e in self.snapshot.endpoints_of(s)),
+                tls_of=lambda s: {e.address: e.tls for e in self.snapshot.endpoints_of(s) if e.tls},
                 drain_timeout=self.drain_timeout,
                 on_state_change=self.backends.wake,
             )
+            if profile.identity is not None:
+                # a new certificate or trust bundle: new connections (grpc cannot rotate them)
+                rebuild = pool.rebuild
+                self._unhooks[profile.key] = profile.identity.on_change(lambda _material: rebuild())
             found = (pool, 0)
         pool, users = found
         self._pools[profile.key] = (pool, users + 1)
@@ -186,6 +192,9 @@ class Outbound:
             self._pools[pool.profile.key] = (pool, users)
             return
         del self._pools[pool.profile.key]
+        unhook = self._unhooks.pop(pool.profile.key, None)
+        if unhook is not None:
+            unhook()
         await pool.close(grace)
 
     def pools(self) -> list[EndpointPool]:

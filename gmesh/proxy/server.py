@@ -223,15 +223,19 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
         return grpc.stream_stream_rpc_method_handler(stream)
 
 
-def bind(server: grpc.aio.Server, listen: str) -> str:
-    """Listen on HOST:PORT (port 0 = any free one); the address actually bound. A port in use
-    (or any other failure to listen) raises `AddressInUse` with one clear line."""
+def bind(server: grpc.aio.Server, listen: str, *, credentials: grpc.ServerCredentials | None = None) -> str:
+    """Listen on HOST:PORT (port 0 = any free one), with TLS when `credentials` are given; the
+    address actually bound. A port in use (or any other failure to listen) raises
+    `AddressInUse` with one clear line."""
     why = (
         f"cannot listen on {listen}: the address is in use (another gmesh proxy, or another "
         "program) or not available here"
     )
     try:
-        port = server.add_insecure_port(listen)
+        if credentials is not None:
+            port = server.add_secure_port(listen, credentials)
+        else:
+            port = server.add_insecure_port(listen)
     except RuntimeError as exc:  # grpcio >= 1.6x: "Failed to bind to address ..."
         raise AddressInUse(why) from exc
     if port == 0:

@@ -1,17 +1,32 @@
-"""The CA's gRPC service (`gmesh.v1.CertificateAuthority`): signs CSRs authenticated by join tokens.
+"""The CA's gRPC service (`gmesh.v1.CertificateAuthority`): signs CSRs authenticated by a join
+token (first certificate) or by the current certificate (renewal).
 
 A CSR is checked before its token is spent, so a malformed request or one for another identity
 leaves the token usable; the token is then spent with one conditional etcd transaction (single
-use, even with several CAs). Requests are small: a CSR above `MAX_CSR` bytes is refused unread.
+use, even with several CAs). The local token (`gmesh ca init` writes it to a 0600 file next to
+the root key, for one machine) is not spent: whoever can read that file is trusted like the CA's
+own user. A renewal carries the current leaf, which must be valid now and directly signed by a
+root of the trust bundle, and the CSR signed again with that leaf's key (proof of possession);
+the new leaf names the same identity. Requests are small: above `MAX_CSR` bytes, refused unread.
+
+The CA serves TLS with a leaf of its own (`CaLeaf`, service `gmesh-ca`) that workloads verify
+with the trust bundle, so a token never crosses the network in the clear.
 """
 
 from __future__ import annotations
 
 import datetime
+import hmac
+import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gmesh.security.ca import (
     DEFAULT_LIFETIME,
@@ -19,6 +34,9 @@ from gmesh.security.ca import (
     Root,
     cert_pem,
     identity_of,
+    key_pem,
+    make_csr,
+    new_key,
     parse_csr,
     requested_identity,
     spiffe_id,
@@ -30,24 +48,61 @@ if TYPE_CHECKING:
     from gmesh.discovery.keys import MeshKeys
     from gmesh.store.etcd import Store
 
+log = logging.getLogger(__name__)
+
 MAX_CSR = 16 * 1024
 SERVICE_NAME = "gmesh.v1.CertificateAuthority"
+CA_SERVICE = "gmesh-ca"
+
+
+class RenewalRefused(Exception):
+    pass
 
 
 class CertificateAuthority(ca_pb2_grpc.CertificateAuthorityServicer):  # type: ignore[misc]
     def __init__(
-        self, root: Root, store: Store, keys: MeshKeys, *, lifetime: datetime.timedelta = DEFAULT_LIFETIME
+        self,
+        root: Root,
+        store: Store,
+        keys: MeshKeys,
+        *,
+        lifetime: datetime.timedelta = DEFAULT_LIFETIME,
+        local_token: str | None = None,
     ) -> None:
         self.root, self.store, self.keys, self.lifetime = root, store, keys, lifetime
+        self.local_token = local_token
         self.signed = 0
+        self.renewed = 0
 
     async def Sign(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if len(request.csr) > MAX_CSR:
+        if len(request.csr) > MAX_CSR or len(request.certificate) > MAX_CSR or len(request.proof) > 1024:
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"gmesh ca: CSRs are at most {MAX_CSR} bytes"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"gmesh ca: CSRs and certificates are at most {MAX_CSR} bytes",
             )
+        if request.certificate:
+            try:
+                service = await self._renewal(request)
+            except RenewalRefused as exc:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"gmesh ca: renewal refused: {exc}")
+            except CsrRefused as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"gmesh ca: {exc}")
+            self.renewed += 1
+            return await self._issue(request.csr, service)
         if not request.token:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "gmesh ca: a join token is required")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "gmesh ca: a join token (first certificate) or the current certificate (renewal) is required",
+            )
+        if self.local_token is not None and hmac.compare_digest(
+            request.token.encode(), self.local_token.encode()
+        ):
+            try:
+                csr = parse_csr(request.csr)
+                service = _service_of(requested_identity(csr) or "", self.root.trust_domain)
+            except CsrRefused as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"gmesh ca: {exc}")
+            return await self._issue(request.csr, service)
         try:
             held = await check_token(self.store, self.keys, request.token)
             # the CSR first: a malformed one, or one for another identity, leaves the token usable
@@ -61,7 +116,42 @@ class CertificateAuthority(ca_pb2_grpc.CertificateAuthorityServicer):  # type: i
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"gmesh ca: {exc}")
         except CsrRefused as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"gmesh ca: {exc}")
-        leaf = self.root.sign(request.csr, held.service, lifetime=self.lifetime)
+        return await self._issue(request.csr, held.service)
+
+    async def _renewal(self, request: Any) -> str:
+        """The service a renewal is for, once its certificate and proof check out."""
+        try:
+            current = x509.load_pem_x509_certificate(request.certificate)
+        except ValueError:
+            raise RenewalRefused("the current certificate is not a PEM certificate") from None
+        now = time.time()
+        if not current.not_valid_before_utc.timestamp() <= now <= current.not_valid_after_utc.timestamp():
+            raise RenewalRefused("the current certificate is not valid now (expired?): use a join token")
+        bundle = await read_bundle(self.store, self.keys)
+        roots = (
+            [x509.load_pem_x509_certificate(r.encode()) for r in bundle.roots] if bundle else [self.root.cert]
+        )
+        if not any(_issued_by(current, root) for root in roots):
+            raise RenewalRefused("the current certificate is not signed by a root of this mesh")
+        identity = identity_of(current) or ""
+        service = _service_of(identity, self.root.trust_domain, refuse=RenewalRefused)
+        public = current.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise RenewalRefused("the current certificate's key is not ECDSA")
+        try:
+            public.verify(request.proof, request.csr, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise RenewalRefused(
+                "the proof is not the CSR signed with the current certificate's key"
+            ) from None
+        csr = parse_csr(request.csr)
+        asked = requested_identity(csr)
+        if asked is not None and asked not in (identity, service):
+            raise CsrRefused(f"the CSR asks for {asked!r}, but the current certificate is {identity}")
+        return service
+
+    async def _issue(self, csr: bytes, service: str) -> Any:
+        leaf = self.root.sign(csr, service, lifetime=self.lifetime)
         self.signed += 1
         bundle = await read_bundle(self.store, self.keys)
         roots = bundle.pem() if bundle is not None else cert_pem(self.root.cert)
@@ -71,3 +161,57 @@ class CertificateAuthority(ca_pb2_grpc.CertificateAuthorityServicer):  # type: i
             identity=identity_of(leaf) or "",
             expires=leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
+
+
+def _issued_by(cert: x509.Certificate, root: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _service_of(identity: str, trust_domain: str, refuse: type[Exception] = CsrRefused) -> str:
+    from gmesh.discovery.endpoint import dns_label_problem
+
+    prefix = f"spiffe://{trust_domain}/svc/"
+    service = identity[len(prefix) :] if identity.startswith(prefix) else ""
+    if not service or dns_label_problem(service):
+        raise refuse(f"{identity!r} is not an identity of this mesh ({prefix}<service>)")
+    return service
+
+
+class CaLeaf:
+    """The CA's own serving certificate (identity gmesh-ca), signed by its root, renewed at 2/3."""
+
+    def __init__(self, root: Root, lifetime: datetime.timedelta) -> None:
+        self.root, self.lifetime = root, lifetime
+        self.version = 0
+        self.not_after = 0.0
+        self.renew_at = 0.0
+        self.config: Any = None
+        self.refresh()
+
+    def refresh(self, roots_pem: bytes | None = None) -> None:
+        key = new_key()
+        leaf = self.root.sign(
+            make_csr(key, CA_SERVICE, self.root.trust_domain), CA_SERVICE, lifetime=self.lifetime
+        )
+        now = time.time()
+        self.not_after = leaf.not_valid_after_utc.timestamp()
+        self.renew_at = now + (self.not_after - now) * 2 / 3
+        self.config = grpc.ssl_server_certificate_configuration(
+            [(key_pem(key), cert_pem(leaf))], roots_pem or cert_pem(self.root.cert)
+        )
+        self.version += 1
+
+    def credentials(self) -> grpc.ServerCredentials:
+        seen = [self.version]
+
+        def fetch() -> Any:
+            if self.version == seen[0]:
+                return None
+            seen[0] = self.version
+            return self.config
+
+        return grpc.dynamic_ssl_server_credentials(self.config, fetch, require_client_authentication=False)

@@ -99,9 +99,13 @@ async def write_bundle(store: Store, keys: MeshKeys, bundle: TrustBundle) -> Non
     await store.put(keys.trust_bundle, json.dumps(doc).encode())
 
 
+def parse_bundle(raw: bytes) -> TrustBundle:
+    doc = json.loads(raw)
+    return TrustBundle(str(doc["trustDomain"]), tuple(str(r) for r in doc["roots"]))
+
+
 async def read_bundle(store: Store, keys: MeshKeys) -> TrustBundle | None:
     found = await store.get(keys.trust_bundle)
     if found is None:
         return None
-    doc = json.loads(found.value)
-    return TrustBundle(str(doc["trustDomain"]), tuple(str(r) for r in doc["roots"]))
+    return parse_bundle(found.value)

@@ -21,6 +21,7 @@ import pytest_asyncio
 
 from gmesh.discovery.keys import MeshKeys
 from gmesh.security.ca import Root, cert_pem, key_pem, make_csr, new_key
+from gmesh.security.identity import WorkloadIdentity
 from gmesh.security.service import CertificateAuthority
 from gmesh.security.tokens import create_token, digest, read_bundle
 from gmesh.store.etcd import Store
@@ -199,11 +200,23 @@ async def test_ca_serve_registers_in_the_mesh_and_signs(
         while not (await store.get_prefix(mesh_keys.endpoints_of("gmesh-ca")))[0]:
             assert time.monotonic() < deadline, "the CA never registered"
             await asyncio.sleep(0.05)
+        # the CA serves TLS only: a plaintext client cannot even send a token
         async with grpc.aio.insecure_channel(address) as channel:
-            signed = await sign(
-                ca_pb2_grpc.CertificateAuthorityStub(channel), make_csr(new_key(), "orders", TD), token
-            )
-        assert signed.identity == f"spiffe://{TD}/svc/orders"
+            with pytest.raises(grpc.aio.AioRpcError) as plain:
+                await sign(
+                    ca_pb2_grpc.CertificateAuthorityStub(channel), make_csr(new_key(), "orders", TD), token
+                )
+            assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+        # a workload finds it in the mesh, verifies it with the bundle, spends its join token
+        orders = await WorkloadIdentity.start(store, mesh_keys, "orders", token=token)
+        assert orders.spiffe_id == f"spiffe://{TD}/svc/orders"
+        # the local token file (0600) gets any service a certificate on this machine
+        local = directory / "local-token"
+        assert stat.S_IMODE(os.stat(local).st_mode) == 0o600
+        web = await WorkloadIdentity.start(store, mesh_keys, "web", token_file=local)
+        assert web.spiffe_id == f"spiffe://{TD}/svc/web"
+        await orders.close()
+        await web.close()
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 20)
