@@ -19,7 +19,15 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
-__all__ = ["Registration", "__version__", "hookimpl", "register"]
+__all__ = [
+    "Registration",
+    "__version__",
+    "hookimpl",
+    "register",
+    "server_credentials",
+    "server_interceptors",
+    "workload_identity",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -28,6 +36,10 @@ def __getattr__(name: str) -> Any:
         from gmesh.discovery import registry
 
         return getattr(registry, name)
+    if name in ("server_credentials", "server_interceptors", "workload_identity"):
+        from gmesh.security import server
+
+        return getattr(server, name)
     if name in ("metrics", "admin"):
         import importlib
 

@@ -119,6 +119,40 @@ def parse_size(text: str) -> int:
     "connections spread again over workers and proxies [default: never]",
 )
 @click.option(
+    "--identity",
+    default=None,
+    metavar="SERVICE",
+    help="the mesh service this proxy's calls present: a certificate from the mesh CA, renewed by "
+    "itself, shown in mutual TLS to every endpoint that offers it [default: none, plaintext]",
+)
+@click.option(
+    "--token",
+    envvar="GMESH_JOIN_TOKEN",
+    default=None,
+    help="join token for the identity's first certificate (`gmesh ca token`) [env GMESH_JOIN_TOKEN; "
+    "default: the local token file on the CA's machine]",
+)
+@click.option(
+    "--inbound",
+    default=None,
+    metavar="APP_HOST:PORT",
+    help="sidecar mode: terminate mTLS for --service in front of the app at APP_HOST:PORT "
+    "(plaintext, any language), enforce AuthorizationPolicies, register the endpoint",
+)
+@click.option("--service", default=None, help="with --inbound: the mesh service the app serves")
+@click.option(
+    "--listen-tls",
+    default=None,
+    metavar="HOST:PORT",
+    help="with --inbound: where mutual TLS is served (registered as the endpoint's mTLS address)",
+)
+@click.option(
+    "--listen-plain",
+    default=None,
+    metavar="HOST:PORT",
+    help="with --inbound: where plaintext is served too (tls.mode PERMISSIVE or DISABLED)",
+)
+@click.option(
     "--worker-index",
     type=int,
     default=None,
@@ -142,6 +176,12 @@ def proxy(
     caller_labels: tuple[str, ...],
     zone: str,
     max_connection_age: float | None,
+    identity: str | None,
+    token: str | None,
+    inbound: str | None,
+    service: str | None,
+    listen_tls: str | None,
+    listen_plain: str | None,
     worker_index: int | None,
 ) -> None:
     """Run the standalone proxy: any gRPC method, routed to mesh services, raw bytes.
@@ -155,6 +195,10 @@ def proxy(
     start, it serves the snapshot its last run persisted. Connections to a service are
     made when it is first called and closed after --idle-timeout without calls. Runs on
     uvloop when it is installed (GMESH_EVENT_LOOP=asyncio to opt out).
+
+    With --identity, calls leave with mutual TLS to endpoints that offer it. With --inbound
+    APP --service S --listen-tls HOST:PORT it is also S's sidecar: mTLS in, authorization,
+    plaintext to the app on loopback (docs/security.md).
     """
     from pathlib import Path
 
@@ -165,6 +209,24 @@ def proxy(
         parse_address(admin)
     if metrics:
         parse_address(metrics)
+    from gmesh.discovery.endpoint import check_service_name
+
+    if identity:
+        check_service_name(identity)
+    if inbound or service or listen_tls or listen_plain:
+        if not (inbound and service and listen_tls):
+            raise InvalidArgument("sidecar mode needs --inbound APP_HOST:PORT, --service and --listen-tls")
+        parse_address(inbound)
+        parse_address(listen_tls)
+        if listen_plain:
+            parse_address(listen_plain)
+        check_service_name(service)
+        if identity and identity != service:
+            raise InvalidArgument(
+                f"--identity {identity} and --service {service}: a sidecar has one identity"
+            )
+        if workers > 1:
+            raise InvalidArgument("--inbound runs in one process (no --workers)")
     max_bytes = parse_size(max_message_size)
     budget = parse_size(replay_budget)
     labels = dict(parse_label(text) for text in caller_labels)
@@ -195,6 +257,12 @@ def proxy(
             caller_labels=labels,
             zone=zone,
             max_connection_age=max_connection_age,
+            identity=identity,
+            token=token,
+            inbound=inbound,
+            service=service,
+            listen_tls=listen_tls,
+            listen_plain=listen_plain,
         )
 
         def announce(p: object) -> None:
@@ -206,7 +274,9 @@ def proxy(
                 f"gmesh proxy listening on {info['address']} (admin {info['admin'] or 'off'}, "
                 f"metrics {(info['metrics'] and 'http://' + info['metrics'] + '/metrics') or 'off'}, "
                 f"worker {index}, pid {info['pid']}), "
-                f"serving revision {info['revision']} from {info['source']}",
+                f"serving revision {info['revision']} from {info['source']}"
+                + (f", identity {info['identity']}" if info.get("identity") else "")
+                + (f", inbound mTLS on {info['inbound']}" if info.get("inbound") else ""),
                 err=True,
             )
 

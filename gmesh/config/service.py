@@ -17,6 +17,8 @@ spec:
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from gmesh.balancer import Policy
@@ -145,6 +147,19 @@ class CircuitBreakerSpec(SpecModel):
     )
 
 
+TlsMode = Literal["DISABLED", "PERMISSIVE", "STRICT"]
+
+
+class TlsSpec(SpecModel):
+    """Mutual TLS where the service's calls are received (inbound proxies, `gmesh.server_interceptors`)."""
+
+    mode: TlsMode = Field(
+        default="PERMISSIVE",
+        description="STRICT: mTLS only (plaintext calls refused, UNAUTHENTICATED); PERMISSIVE: "
+        "both, each call recorded as one or the other; DISABLED: plaintext only (no mTLS offered).",
+    )
+
+
 class ServiceSpec(SpecModel):
     """Policy of one mesh service; the service's endpoints come from registrations."""
 
@@ -177,6 +192,7 @@ class ServiceSpec(SpecModel):
         default=None,
         description="Streams end after this long, between messages, with UNAVAILABLE (reconnect).",
     )
+    tls: TlsSpec = Field(default_factory=TlsSpec, description="Mutual TLS mode of the service's endpoints.")
 
     @field_validator("balancer")
     @classmethod
@@ -213,6 +229,8 @@ def _summary(spec: ServiceSpec) -> str:
     for name in ("health_check", "outlier_detection", "circuit_breaker", "retry_budget"):
         if getattr(spec, name) is not None:
             parts.append(name.replace("_", "-"))
+    if "tls" in spec.model_fields_set:
+        parts.append(f"tls={spec.tls.mode}")
     return " ".join(parts)
 
 

@@ -74,6 +74,7 @@ class Registration:
         tls: bool = False,
         tls_address: str | None = None,
         identity: Any = None,
+        methods: Mapping[str, Any] | None = None,
     ) -> None:
         parse_address(address)
         if tls_address is not None:
@@ -82,6 +83,7 @@ class Registration:
         self.tls_address = tls_address or (address if tls else "")
         #: a `WorkloadIdentity` to probe an mTLS-only address with (reflection, health)
         self._identity = identity
+        self.given_methods = dict(methods or {})
         check_service_name(service)
         if ttl < MIN_TTL:
             raise InvalidArgument(f"ttl must be at least {MIN_TTL} seconds, got {ttl}")
@@ -139,7 +141,7 @@ class Registration:
         await self._close()
 
     async def _describe(self) -> Endpoint:
-        services, methods, source = self.given_services, {}, "given"
+        services, methods, source = self.given_services, dict(self.given_methods), "given"
         if self._reflection:
             api = await probe.reflect(self.address, secure=self._secure())
             if api is not None and api.services:

@@ -45,6 +45,8 @@ from gmesh.store.etcd import EtcdConfig
 
 if TYPE_CHECKING:
     from gmesh.metrics import MetricsServer
+    from gmesh.proxy.sidecar import Sidecar
+    from gmesh.security.identity import WorkloadIdentity
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,16 @@ class ProxySettings:
     metrics: str | None = None
     #: where access log lines go (a path, `-` for stderr; None: GMESH_ACCESS_LOG or stderr)
     access_log: str | None = None
+    #: the mesh service this proxy's calls present (mTLS to endpoints that offer it)
+    identity: str | None = None
+    #: a join token for the identity's first certificate (None: GMESH_JOIN_TOKEN or the local token)
+    token: str | None = None
+    #: sidecar mode: the app's plaintext HOST:PORT, the service it serves, where mTLS is served,
+    #: and (PERMISSIVE) where plaintext is served
+    inbound: str | None = None
+    service: str | None = None
+    listen_tls: str | None = None
+    listen_plain: str | None = None
 
 
 class RunningProxy:
@@ -93,6 +105,8 @@ class RunningProxy:
         self.server: ProxyServer
         self.admin: AdminServer | None = None
         self.metrics: MetricsServer | None = None
+        self.identity: WorkloadIdentity | None = None
+        self.sidecar: Sidecar | None = None
         self.record: LeasedKey | None = None
         self.id = ""
         self.serving = False
@@ -120,6 +134,8 @@ class RunningProxy:
             "worker": self.settings.worker,
             "workers": self.settings.workers,
             "revision": self.outbound.revision,
+            "identity": self.identity.spiffe_id if self.identity is not None else None,
+            "inbound": self.sidecar.tls_address if self.sidecar is not None else None,
             "source": self.outbound.snapshot.source,
             "serving": self.serving,
             "startedAt": self.started_at,
@@ -145,7 +161,16 @@ class RunningProxy:
             wait=wait_for_snapshot,
         )
         try:
-            self.pool = self.outbound.pool(Profile(max_message_bytes=s.max_message_bytes))
+            who = s.identity or (s.service if s.inbound else None)
+            if who is not None:
+                from gmesh.security import identity as identities
+
+                self.identity = await identities.acquire(
+                    self.outbound.store, s.keys, who, mesh=s.etcd.describe(), token=s.token
+                )
+            self.pool = self.outbound.pool(
+                Profile(max_message_bytes=s.max_message_bytes, identity=self.identity)
+            )
             self.server = ProxyServer(
                 self.outbound,
                 self.pool,
@@ -156,6 +181,17 @@ class RunningProxy:
                 max_connection_age=s.max_connection_age,
                 reuse_port=reuse,
             )
+            if self.identity is not None:
+                self.server.inbound.caller_identity = self.identity.spiffe_id
+            if s.inbound:
+                from gmesh.proxy.sidecar import Sidecar
+
+                assert self.identity is not None and s.service and s.listen_tls
+                self.sidecar = Sidecar(
+                    self.outbound, self.identity, s.service, s.inbound, s.listen_tls,
+                    listen_plain=s.listen_plain, max_message_bytes=s.max_message_bytes,
+                    labels=s.caller_labels, zone=s.zone,
+                )  # fmt: skip
             port = self.server.address.rpartition(":")[2]
             self.id = f"{socket.gethostname()}:{port}#{s.worker}@{os.getpid()}"
             if s.admin:
@@ -171,6 +207,10 @@ class RunningProxy:
         except BaseException:
             if self.admin is not None:
                 await self.admin.stop()
+            if self.identity is not None:
+                from gmesh.security import identity as identities
+
+                await identities.release(self.identity)
             await stack.release(self.outbound)
             raise
         self._unlisten = self.outbound.on_change(self._state_changed)
@@ -191,6 +231,8 @@ class RunningProxy:
     async def _open(self) -> None:
         """Accept calls (the port was bound at start) and turn health SERVING."""
         await self.server.start()
+        if self.sidecar is not None:
+            await self.sidecar.start()
         self.serving = True
         self._record_dirty.set()
         if self.admin is not None:
@@ -234,16 +276,24 @@ class RunningProxy:
             await self.record.close()
         if self._unlisten is not None:
             self._unlisten()
+        if self.sidecar is not None:
+            await self.sidecar.withdraw()
         if self.serving and pause > 0:
             await asyncio.sleep(pause)  # still serving: whoever routes here notices we left
         if self._opening is not None and not self._opening.done():
             self._opening.cancel()
+        if self.sidecar is not None:
+            await self.sidecar.stop(grace)
         await self.server.stop(grace)
         if self.admin is not None:
             await self.admin.stop()
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.close)
         await self.outbound.release_pool(self.pool, 0)
+        if self.identity is not None:
+            from gmesh.security import identity as identities
+
+            await identities.release(self.identity)
         await stack.release(self.outbound)
         await asyncio.to_thread(traces.flush)
 

@@ -108,6 +108,8 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
         self.caller_labels = caller_labels or {}
         #: the zone calls come from (zone-aware balancing prefers endpoints there)
         self.zone = zone
+        #: the SPIFFE ID this proxy presents (`--identity`): the caller route rules see
+        self.caller_identity = ""
         self._prepared: collections.OrderedDict[tuple[str, str | None], _Prepared] = collections.OrderedDict()
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -160,6 +162,7 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
         outbound = self.outbound
         pool = self.pool
         caller_labels, zone = self.caller_labels, self.zone
+        identity = self.caller_identity
         known = kind is not None
 
         def prepare(
@@ -184,7 +187,7 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
                 forward,
                 downstream,
                 kind=kind,
-                caller=Caller(peer=context.peer(), labels=caller_labels, zone=zone),
+                caller=Caller(peer=context.peer(), identity=identity, labels=caller_labels, zone=zone),
                 down=pool.down,
                 replayable=True,  # unary: the request is in hand; streams: RequestTape
                 mirror=mirror_unary if kind is MethodKind.UNARY else None,

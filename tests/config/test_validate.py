@@ -131,7 +131,7 @@ def test_unknown_spec_field_without_close_match_lists_allowed() -> None:
         5,
         "spec.zzz",
         "unknown field (allowed: balancer, circuitBreaker, healthCheck, maxStreamAge, outlierDetection, "
-        "panicThreshold, retryBudget, subsets, timeout)",
+        "panicThreshold, retryBudget, subsets, timeout, tls)",
     )
 
 
