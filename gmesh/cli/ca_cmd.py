@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import time
 from pathlib import Path
 
 import click
@@ -15,6 +14,7 @@ from gmesh.cli.common import DURATION, MeshTarget, mesh_options, run
 from gmesh.errors import Conflict, NotFound
 
 ROOT_CERT, ROOT_KEY, SETTINGS, LOCAL_TOKEN = "root.pem", "root.key.pem", "ca.json", "local-token"
+PREVIOUS_CERT, PREVIOUS_KEY = "previous-root.pem", "previous-root.key.pem"
 
 
 def ca_dir(given: str | None) -> Path:
@@ -31,6 +31,18 @@ def _write_private(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.chmod(path, 0o600)
+
+
+def load_previous(directory: Path, trust_domain: str) -> object:
+    """The root being rotated out (None when no rotation is under way)."""
+    from gmesh.security.ca import Root
+
+    try:
+        return Root.load(
+            (directory / PREVIOUS_CERT).read_bytes(), (directory / PREVIOUS_KEY).read_bytes(), trust_domain
+        )
+    except FileNotFoundError:
+        return None
 
 
 def load_root(directory: Path) -> object:
@@ -120,6 +132,120 @@ def token(target: MeshTarget, service: str, ttl: float) -> None:
 
 @ca.command()
 @click.option(
+    "--dir",
+    "directory",
+    default=None,
+    help="where `gmesh ca init` put the root [default: the gmesh data dir]",
+)
+@click.option(
+    "--propagation",
+    type=DURATION,
+    default="10s",
+    show_default=True,
+    help="how long every process gets to trust the new root before the CA signs with it",
+)
+@click.option(
+    "--finish",
+    is_flag=True,
+    help="take the old root out of the bundle (refused while certificates it signed are valid)",
+)
+@click.option("--force", is_flag=True, help="with --finish: even though live certificates break")
+@mesh_options
+def rotate(target: MeshTarget, directory: str | None, propagation: float, finish: bool, force: bool) -> None:
+    """Rotate the root: a new root joins the trust bundle and signs after --propagation; the old
+    root leaves with --finish once no certificate it signed is still valid."""
+    from gmesh.security import rotation
+    from gmesh.security.ca import Root, cert_pem, key_pem
+
+    where = ca_dir(directory)
+    current = load_root(where)
+    assert isinstance(current, Root)
+
+    async def go() -> str:
+        async with target.store() as store:
+            if finish:
+                await rotation.finish(store, target.keys, force=force)
+                for name in (PREVIOUS_KEY, PREVIOUS_CERT):
+                    with contextlib.suppress(FileNotFoundError):
+                        (where / name).unlink()
+                return "old root removed from the trust bundle (and its key from disk)"
+            new = Root.create(current.trust_domain)
+            bundle = await rotation.begin(store, target.keys, new, propagation=propagation)
+            # files: the current root becomes the previous one; the new one is the root
+            _write_private(where / PREVIOUS_KEY, key_pem(current.key))
+            (where / PREVIOUS_CERT).write_bytes(cert_pem(current.cert))
+            _write_private(where / ROOT_KEY, key_pem(new.key))
+            (where / ROOT_CERT).write_bytes(cert_pem(new.cert))
+            return (
+                f"new root in the trust bundle ({len(bundle.roots)} roots); the CA signs with it in "
+                f"{propagation:.0f}s. Run `gmesh ca rotate --finish` once the old root's certificates "
+                "have expired (`gmesh ca status` shows them)"
+            )
+
+    click.echo(run(go()))
+
+
+@ca.command()
+@mesh_options
+def status(target: MeshTarget) -> None:
+    """The roots of the trust bundle (expiry, rotation) and the live certificates the CA issued."""
+    import datetime
+    import time as clock
+
+    from gmesh.cli.common import table
+    from gmesh.security import rotation
+    from gmesh.security.identity import root_id
+    from gmesh.security.tokens import read_bundle
+
+    async def go() -> tuple[object, list[rotation.Issued]]:
+        async with target.store() as store:
+            return await read_bundle(store, target.keys), await rotation.issued(store, target.keys)
+
+    bundle, live = run(go())
+    if bundle is None:
+        raise NotFound("this mesh has no CA: run `gmesh ca init`")
+    from gmesh.security.tokens import TrustBundle
+
+    assert isinstance(bundle, TrustBundle)
+    now = clock.time()
+
+    def when(ts: float) -> str:
+        return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+    rows = []
+    for index, cert in enumerate(rotation.roots_of(bundle)):
+        rid = root_id(cert)
+        role = "current" if index == 0 else "old (rotating out)"
+        if index == 0 and bundle.rotating and now < bundle.signs_from:
+            role = f"new (signs in {bundle.signs_from - now:.0f}s)"
+        left = cert.not_valid_after_utc.timestamp() - now
+        warn = "  EXPIRES SOON" if left < 30 * 86400 else ""
+        rows.append([rid[:16], role, when(cert.not_valid_after_utc.timestamp()) + warn,
+                     str(sum(1 for i in live if i.issuer == rid))])  # fmt: skip
+    click.echo(f"trust domain {bundle.trust_domain}")
+    click.echo(table(["ROOT", "ROLE", "EXPIRES", "LIVE CERTS"], rows))
+    by_service: dict[str, list[rotation.Issued]] = {}
+    for item in live:
+        by_service.setdefault(item.service, []).append(item)
+    click.echo("")
+    click.echo(
+        table(
+            ["SERVICE", "LIVE CERTS", "NEXT EXPIRY", "LAST EXPIRY"],
+            [
+                [
+                    name,
+                    str(len(items)),
+                    when(min(i.not_after for i in items)),
+                    when(max(i.not_after for i in items)),
+                ]
+                for name, items in sorted(by_service.items())
+            ],
+        )
+    )
+
+
+@ca.command()
+@click.option(
     "--listen", default="127.0.0.1:0", show_default=True, help="HOST:PORT to serve on (port 0: any free)"
 )
 @click.option(
@@ -149,7 +275,7 @@ def serve(target: MeshTarget, listen: str, directory: str | None, lifetime: floa
     from gmesh.discovery.registry import register
     from gmesh.proxy.server import bind
     from gmesh.security.ca import Root
-    from gmesh.security.service import SERVICE_NAME, CaLeaf, CertificateAuthority
+    from gmesh.security.service import SERVICE_NAME, CaLeaf, CertificateAuthority, keep_leaf
     from gmesh.store.connect import resolve_etcd
     from gmesh.store.etcd import Store
     from gmesh.v1 import ca_pb2_grpc
@@ -173,12 +299,21 @@ def serve(target: MeshTarget, listen: str, directory: str | None, lifetime: floa
         address = bind(server, listen, credentials=leaf.credentials())
         await server.start()
 
-        async def renew_own_leaf() -> None:
-            while True:
-                await asyncio.sleep(max(leaf.renew_at - time.time(), 0.5))
-                leaf.refresh()
+        authority.previous = load_previous(where, root.trust_domain)  # type: ignore[assignment]
+        seen = [(where / ROOT_CERT).stat().st_mtime]
 
-        renewing = asyncio.get_running_loop().create_task(renew_own_leaf())
+        def reload() -> None:
+            with contextlib.suppress(OSError):
+                mtime = (where / ROOT_CERT).stat().st_mtime
+                if mtime != seen[0]:
+                    seen[0] = mtime
+                    authority.root = load_root(where)  # type: ignore[assignment]
+                    authority.previous = load_previous(where, root.trust_domain)  # type: ignore[assignment]
+                    click.echo(
+                        "gmesh ca: root rotated; the new root signs once every process trusts it", err=True
+                    )
+
+        renewing = asyncio.get_running_loop().create_task(keep_leaf(authority, leaf, reload=reload))
         try:
             async with register(
                 address, service="gmesh-ca", grpc_services=[SERVICE_NAME], reflection=False, etcd=config,

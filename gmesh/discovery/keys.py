@@ -84,6 +84,14 @@ class MeshKeys:
         return f"{self.prefix}ca/tokens/{digest}"
 
     @property
+    def issued_root(self) -> str:
+        return f"{self.prefix}ca/issued/"
+
+    def issued(self, serial: str) -> str:
+        """A certificate the CA signed (identity, issuer, expiry), leased until it expires."""
+        return f"{self.issued_root}{serial}"
+
+    @property
     def stats_root(self) -> str:
         return f"{self.prefix}stats/"
 

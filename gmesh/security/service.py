@@ -15,10 +15,13 @@ with the trust bundle, so a token never crosses the network in the clear.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hmac
+import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -41,7 +44,7 @@ from gmesh.security.ca import (
     requested_identity,
     spiffe_id,
 )
-from gmesh.security.tokens import TokenRefused, check_token, read_bundle, spend
+from gmesh.security.tokens import TokenRefused, TrustBundle, check_token, read_bundle, spend
 from gmesh.v1 import ca_pb2, ca_pb2_grpc
 
 if TYPE_CHECKING:
@@ -70,6 +73,8 @@ class CertificateAuthority(ca_pb2_grpc.CertificateAuthorityServicer):  # type: i
         local_token: str | None = None,
     ) -> None:
         self.root, self.store, self.keys, self.lifetime = root, store, keys, lifetime
+        #: during a root rotation: the root that signs until the bundle's `signs_from`
+        self.previous: Root | None = None
         self.local_token = local_token
         self.signed = 0
         self.renewed = 0
@@ -150,10 +155,23 @@ class CertificateAuthority(ca_pb2_grpc.CertificateAuthorityServicer):  # type: i
             raise CsrRefused(f"the CSR asks for {asked!r}, but the current certificate is {identity}")
         return service
 
+    def signer(self, bundle: TrustBundle | None) -> Root:
+        """The root that signs now: the previous one until every process trusts the new one."""
+        if (
+            self.previous is not None
+            and bundle is not None
+            and bundle.rotating
+            and time.time() < bundle.signs_from
+        ):
+            return self.previous
+        return self.root
+
     async def _issue(self, csr: bytes, service: str) -> Any:
-        leaf = self.root.sign(csr, service, lifetime=self.lifetime)
-        self.signed += 1
         bundle = await read_bundle(self.store, self.keys)
+        signer = self.signer(bundle)
+        leaf = signer.sign(csr, service, lifetime=self.lifetime)
+        self.signed += 1
+        await self._record(leaf, service, signer)
         roots = bundle.pem() if bundle is not None else cert_pem(self.root.cert)
         return ca_pb2.SignResponse(
             certificate=cert_pem(leaf),
@@ -161,6 +179,27 @@ class CertificateAuthority(ca_pb2_grpc.CertificateAuthorityServicer):  # type: i
             identity=identity_of(leaf) or "",
             expires=leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
+
+    async def _record(self, leaf: x509.Certificate, service: str, signer: Root) -> None:
+        """Note the leaf in etcd until it expires (`gmesh ca status`, `gmesh ca rotate --finish`)."""
+        from gmesh.errors import GmeshError
+        from gmesh.security.identity import root_id
+
+        not_after = leaf.not_valid_after_utc.timestamp()
+        record = {
+            "service": service,
+            "identity": identity_of(leaf),
+            "issuer": root_id(signer.cert),
+            "notAfter": not_after,
+            "signedAt": time.time(),
+        }
+        try:
+            lease = await self.store.grant_lease(max(int(not_after - time.time()) + 2, 2))
+            await self.store.put(
+                self.keys.issued(format(leaf.serial_number, "x")), json.dumps(record).encode(), lease=lease
+            )
+        except GmeshError as exc:  # the leaf is signed; only the bookkeeping is missing
+            log.warning("issued certificate of %s not recorded: %s", service, exc)
 
 
 def _issued_by(cert: x509.Certificate, root: x509.Certificate) -> bool:
@@ -215,3 +254,25 @@ class CaLeaf:
             return self.config
 
         return grpc.dynamic_ssl_server_credentials(self.config, fetch, require_client_authentication=False)
+
+
+async def keep_leaf(
+    authority: CertificateAuthority, leaf: CaLeaf, *, reload: Callable[[], None] | None = None
+) -> None:
+    """Every second: `reload` (take up a rotated root), then keep the CA's own serving leaf signed
+    by whichever root signs now, renewed at 2/3 of its lifetime."""
+    import asyncio
+
+    from gmesh.errors import GmeshError
+
+    while True:
+        await asyncio.sleep(1.0)
+        if reload is not None:
+            reload()
+        bundle = None
+        with contextlib.suppress(GmeshError):
+            bundle = await read_bundle(authority.store, authority.keys)
+        signer = authority.signer(bundle)
+        if leaf.root is not signer or time.time() >= leaf.renew_at:
+            leaf.root = signer
+            leaf.refresh()

@@ -87,21 +87,39 @@ async def spend_token(store: Store, keys: MeshKeys, token: str) -> str:
 
 @dataclass(frozen=True)
 class TrustBundle:
+    """The roots peers are verified with (certificates only). During a root rotation it holds the
+    new root first and the previous one second: the CA signs with the previous one until
+    `signs_from` (so every process trusts the new root before any leaf of it exists), and the
+    previous one may leave only after `removable_after` (every leaf it signed has expired)."""
+
     trust_domain: str
     roots: tuple[str, ...]  # PEM certificates
+    signs_from: float = 0.0
+    removable_after: float = 0.0
 
     def pem(self) -> bytes:
         return "".join(self.roots).encode()
 
+    @property
+    def rotating(self) -> bool:
+        return len(self.roots) > 1
+
 
 async def write_bundle(store: Store, keys: MeshKeys, bundle: TrustBundle) -> None:
-    doc = {"trustDomain": bundle.trust_domain, "roots": list(bundle.roots)}
+    doc: dict[str, object] = {"trustDomain": bundle.trust_domain, "roots": list(bundle.roots)}
+    if bundle.rotating:
+        doc["signsFrom"], doc["removableAfter"] = bundle.signs_from, bundle.removable_after
     await store.put(keys.trust_bundle, json.dumps(doc).encode())
 
 
 def parse_bundle(raw: bytes) -> TrustBundle:
     doc = json.loads(raw)
-    return TrustBundle(str(doc["trustDomain"]), tuple(str(r) for r in doc["roots"]))
+    return TrustBundle(
+        str(doc["trustDomain"]),
+        tuple(str(r) for r in doc["roots"]),
+        float(doc.get("signsFrom") or 0.0),
+        float(doc.get("removableAfter") or 0.0),
+    )
 
 
 async def read_bundle(store: Store, keys: MeshKeys) -> TrustBundle | None:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import datetime
 import secrets
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ import grpc.aio
 from gmesh.discovery.registry import Registration
 from gmesh.proxy.server import bind
 from gmesh.security.ca import Root, cert_pem
-from gmesh.security.service import CaLeaf, CertificateAuthority
+from gmesh.security.service import CaLeaf, CertificateAuthority, keep_leaf
 from gmesh.security.tokens import TrustBundle, write_bundle
 from gmesh.v1 import ca_pb2_grpc
 
@@ -37,6 +36,18 @@ class RunningCa:
     address: str
     local_token: str
     server: Any
+    store: Any = None
+    keys: Any = None
+
+    async def rotate(self, *, propagation: float = 2.0) -> Root:
+        """What `gmesh ca rotate` does: a new root in the bundle, signing after `propagation`."""
+        from gmesh.security import rotation
+
+        new = Root.create(self.root.trust_domain)
+        await rotation.begin(self.store, self.keys, new, propagation=propagation)
+        self.authority.previous, self.authority.root = self.authority.root, new
+        self.root = new
+        return new
 
 
 @contextlib.asynccontextmanager
@@ -60,19 +71,14 @@ async def running_ca(
     address = bind(server, "127.0.0.1:0", credentials=leaf.credentials())
     await server.start()
 
-    async def renew() -> None:
-        while True:
-            await asyncio.sleep(max(leaf.renew_at - time.time(), 0.5))
-            leaf.refresh()
-
-    renewing = asyncio.get_running_loop().create_task(renew())
+    renewing = asyncio.get_running_loop().create_task(keep_leaf(authority, leaf))
     registration = Registration(
         address, service="gmesh-ca", grpc_services=["gmesh.v1.CertificateAuthority"], reflection=False,
         store=store, prefix=keys.prefix, tls=True, handle_sigterm=False, drain_delay=0,
     )  # fmt: skip
     try:
         async with registration:
-            yield RunningCa(root, authority, leaf, address, token, server)
+            yield RunningCa(root, authority, leaf, address, token, server, store, keys)
     finally:
         renewing.cancel()
         await server.stop(None)

@@ -399,3 +399,64 @@ async def test_an_identity_keeps_serving_while_the_ca_is_away(
         assert "CA unreachable" in state["state"] and state["lastError"]
     finally:
         await identity.close()
+
+
+async def test_root_rotation_under_load_fails_no_call_and_early_removal_is_refused(
+    etcd_server: EtcdMember, store: Store, mesh_keys: MeshKeys, tmp_path: Path, bare_app: str
+) -> None:
+    from gmesh.errors import Conflict
+    from gmesh.security import rotation
+    from gmesh.security.identity import root_id
+
+    async with running_ca(store, mesh_keys, trust_domain=TD, lifetime=5) as ca:
+        await put(store, mesh_keys, "Service", "echo", {"tls": {"mode": "STRICT"}})
+        side = await sidecar(etcd_server, mesh_keys, tmp_path, ca, bare_app, plain=False)
+        ok, errors = [0], []
+        done = asyncio.Event()
+        try:
+            async with gmesh.aio.channel(
+                "gmesh:///echo", etcd=etcd_server.url, prefix=mesh_keys.prefix, identity="client",
+                token=ca.local_token,
+            ) as channel:  # fmt: skip
+                stub = echo_pb2_grpc.EchoStub(channel)
+
+                async def drive() -> None:
+                    while not done.is_set():
+                        try:
+                            await stub.Unary(REQUEST, timeout=5)
+                            ok[0] += 1
+                        except grpc.aio.AioRpcError as exc:
+                            errors.append(f"{exc.code().name} {exc.details()}")
+
+                load = asyncio.get_running_loop().create_task(drive())
+                await until(lambda: ok[0] > 50, 10, "calls before the rotation")
+                old = ca.root
+                new = await ca.rotate(propagation=2.0)
+                # at once: the old root still signs live certificates, so it may not leave
+                with pytest.raises(Conflict):
+                    await rotation.finish(store, mesh_keys)
+                await until(
+                    lambda: channel.identity.material.issuer == root_id(new.cert), 20,
+                    "the channel renewed under the new root",
+                )  # fmt: skip
+                with pytest.raises(Conflict) as early:
+                    await rotation.finish(store, mesh_keys)
+                assert "live certificate(s) are still signed by the old root" in str(early.value)
+                # once every leaf of the old root has expired (5 s leaves; the clock skew allowed
+                # is 0.5 s here instead of a minute) it leaves the bundle, unforced
+                live = [i for i in await rotation.issued(store, mesh_keys) if i.issuer == root_id(old.cert)]
+                assert live
+                expired = max(i.not_after for i in live) + 0.5
+                await until(lambda: time.time() > expired, 15, "the old root's last leaf expired")
+                bundle = await rotation.finish(store, mesh_keys, skew=0.5)
+                assert len(bundle.roots) == 1
+                before = ok[0]
+                await until(lambda: ok[0] > before + 200, 20, "calls after the old root left")
+                done.set()
+                await load
+            print(f"\nroot rotation under load: {ok[0]} calls, {len(errors)} failed")
+            assert errors == []
+            assert side.identity is not None and side.identity.material.issuer == root_id(new.cert)
+        finally:
+            done.set()
+            await side.stop(0)
