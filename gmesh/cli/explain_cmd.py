@@ -35,9 +35,13 @@ def _backend_text(key: BackendKey, service: str) -> str:
     return what if target == service else f"service {target}, {what}"
 
 
-async def _snapshot(target: MeshTarget, plugins: Plugins) -> MeshSnapshot:
+async def _snapshot(target: MeshTarget, plugins: Plugins) -> tuple[MeshSnapshot, str]:
+    """The mesh now, and its trust domain (gmesh.local when it has no CA)."""
+    from gmesh.security.tokens import read_bundle
+
     async with target.store() as store, Catalog(store, target.keys, plugins.config_kinds()) as catalog:
-        return catalog.snapshot
+        bundle = await read_bundle(store, target.keys)
+        return catalog.snapshot, bundle.trust_domain if bundle is not None else "gmesh.local"
 
 
 async def _noop(call: Call[None]) -> None:
@@ -123,7 +127,32 @@ def explain_call(
         if f.delay_share:
             parts.append(f"delay {f.delay_share * 100:g}% by {format_duration(f.delay)}")
         result["fault"] = "; ".join(parts)
+    result["authorization"] = _authorization(snapshot, service, method, metadata, caller.identity)
     return result
+
+
+def _authorization(
+    snapshot: MeshSnapshot, service: str, method: str, metadata: tuple[tuple[str, str], ...], identity: str
+) -> dict[str, Any]:
+    """Where the call is received: the TLS mode and the policies' decision, from the same compiled
+    rules the inbound proxy and `gmesh.server_interceptors()` run."""
+    from gmesh.security.authz import KIND, Authorizers
+    from gmesh.security.enforce import mode_of
+
+    authorizer = Authorizers().for_service(snapshot.resources.get(KIND), service)
+    mode = mode_of(snapshot, service)
+    decision = authorizer.decide(identity, method, metadata)
+    out: dict[str, Any] = {
+        "caller": identity or None,
+        "tlsMode": mode,
+        "allowed": decision.allowed,
+        "policy": decision.policy or None,
+        "reason": decision.reason,
+        "audits": list(decision.audits),
+    }
+    if not identity and mode == "STRICT":
+        out.update(allowed=False, reason="tls.mode STRICT: a caller without a mesh identity is refused")
+    return out
 
 
 def _size(table: Backends, key: BackendKey) -> int:
@@ -213,6 +242,13 @@ def render(result: dict[str, Any], n: int) -> str:
         lines.append(f"mirror: {result['mirror']}")
     if "fault" in result:
         lines.append(f"fault: {result['fault']}")
+    authz = result.get("authorization")
+    if authz is not None:
+        who = authz["caller"] or "a caller without identity"
+        verdict = "ALLOWED" if authz["allowed"] else "DENIED (PERMISSION_DENIED)"
+        lines.append(f"authorization (tls.mode {authz['tlsMode']}): {who}: {verdict}: {authz['reason']}")
+        if authz["audits"]:
+            lines.append(f"  audited by: {', '.join(authz['audits'])}")
     return "\n".join(lines)
 
 
@@ -223,7 +259,14 @@ def render(result: dict[str, Any], n: int) -> str:
     "-H", "--header", "headers", multiple=True, metavar="KEY=VALUE", help="request metadata (repeat)"
 )
 @click.option("--caller-label", multiple=True, metavar="KEY=VALUE", help="a label of the calling workload")
-@click.option("--caller-identity", default="", metavar="SPIFFE_ID", help="the caller's mesh identity")
+@click.option(
+    "--from",
+    "--caller-identity",
+    "caller_identity",
+    default="",
+    metavar="IDENTITY",
+    help="the caller's mesh identity: a SPIFFE ID, or a service name (spiffe://<trust-domain>/svc/NAME)",
+)
 @click.option(
     "-n", "--n", "n", type=click.IntRange(1, 1_000_000), default=1, show_default=True,
     help="simulate N calls like this one and print how they spread",
@@ -247,19 +290,25 @@ def explain(
 
     Prints which route rule matches and why earlier ones do not, the weighted backends,
     the endpoint chosen (or with --n, how N such calls spread), and the timeout, retry
-    policy and budget that apply. It runs the same compiled route table and pickers the
-    proxy and channels run, on the config and endpoints in etcd now.
+    policy and budget that apply, and whether SERVICE would admit the call from --from
+    (its TLS mode and AuthorizationPolicies). It runs the same compiled route table, pickers
+    and policies the proxies and channels run, on the config and endpoints in etcd now.
 
     \b
     gmesh explain orders /orders.v1.Orders/Get -H x-tier=beta
     gmesh explain orders /orders.v1.Orders/Get -H x-user-id=42 --n 10000
+    gmesh explain orders /orders.v1.Orders/Delete --from web
     """
     if not method.startswith("/") or method.count("/") != 2:
         raise InvalidArgument(f"method {method!r}: write the full path, /package.Service/Method")
     metadata = _pairs(headers, "-H")
     labels = dict(_pairs(caller_label, "--caller-label"))
     plugins = Plugins.load()
-    snapshot = run(_snapshot(target, plugins))
+    snapshot, trust_domain = run(_snapshot(target, plugins))
+    if caller_identity and not caller_identity.startswith("spiffe://"):
+        from gmesh.security.ca import spiffe_id
+
+        caller_identity = spiffe_id(trust_domain, caller_identity)
     caller = Caller(identity=caller_identity, labels=labels)
     result = explain_call(snapshot, plugins, service, method, metadata, caller, n)
     if output == "json":
