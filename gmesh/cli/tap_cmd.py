@@ -13,7 +13,7 @@ import grpc
 import grpc.aio
 
 from gmesh.cli.common import MeshTarget, mesh_options, run
-from gmesh.errors import NotFound
+from gmesh.errors import InvalidArgument, NotFound
 from gmesh.stats.tap import DEFAULT_BODY, DEFAULT_RATE, MAX_BODY, MAX_RATE
 from gmesh.store.etcd import Store
 from gmesh.v1 import admin_pb2, admin_pb2_grpc
@@ -79,17 +79,21 @@ class BodyDecoder:
         return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-async def _admins(store: Store, target: MeshTarget) -> list[str]:
+async def _admins(store: Store, target: MeshTarget) -> dict[str, str]:
+    """Admin address of every running proxy -> the service name its mTLS admin port presents
+    ('' for a plaintext admin port)."""
     kvs, _ = await store.get_prefix(target.keys.proxies_root)
-    found = []
+    found: dict[str, str] = {}
     for kv in kvs:
         try:
-            admin = json.loads(kv.value).get("admin")
+            record = json.loads(kv.value)
         except ValueError:
             continue
+        admin = record.get("admin")
         if admin:
-            found.append(str(admin))
-    return sorted(set(found))
+            identity = str(record.get("identity") or "") if record.get("adminTls") else ""
+            found[str(admin)] = identity.rpartition("/svc/")[2] if identity else ""
+    return dict(sorted(found.items()))
 
 
 async def _endpoints(store: Store, target: MeshTarget, service: str) -> list[str]:
@@ -144,6 +148,14 @@ def _line(event: Any, source: str) -> str:
 )
 @click.option("-n", "--count", type=click.IntRange(min=1), default=None, help="stop after this many calls")
 @click.option(
+    "--identity",
+    default=None,
+    metavar="SERVICE",
+    help="the mesh identity to present to admin ports that serve mTLS (proxies with --identity; "
+    "their AuthorizationPolicies must allow it /gmesh.v1.Admin/*)",
+)
+@click.option("--token", envvar="GMESH_JOIN_TOKEN", default=None, help="join token for --identity")
+@click.option(
     "-o",
     "--output",
     type=click.Choice(["text", "json"]),
@@ -162,6 +174,8 @@ def tap(
     admins: tuple[str, ...],
     count: int | None,
     output: str,
+    identity: str | None,
+    token: str | None,
 ) -> None:
     """Watch calls to SERVICE live, as they end: method, metadata, code, latency, endpoint.
 
@@ -176,18 +190,40 @@ def tap(
     )
 
     async def go() -> None:
+        from gmesh.security.identity import WorkloadIdentity
+
+        me: WorkloadIdentity | None = None
         async with target.store() as store:
-            found = list(admins) or await _admins(store, target)
+            running = await _admins(store, target)
+            found = {a: running.get(a, "") for a in admins} if admins else running
             decoder = BodyDecoder(await _endpoints(store, target, service)) if bodies else None
+            if identity and any(found.values()):
+                me = await WorkloadIdentity.start(store, target.keys, identity, token=token)
+                await me.close()  # one certificate is enough for a tap
         if not found:
             raise NotFound("no running proxy to tap (start one, or name an admin port with --admin)")
+        missing = [a for a, name in found.items() if name and me is None]
+        if missing:
+            raise InvalidArgument(
+                f"admin port {missing[0]} serves mutual TLS: tap it with --identity SERVICE (an identity "
+                "its AuthorizationPolicies allow)"
+            )
+
+        def channel_to(address: str) -> grpc.aio.Channel:
+            name = found[address]
+            if not name or me is None:
+                return grpc.aio.insecure_channel(address)
+            return grpc.aio.secure_channel(
+                address, me.channel_credentials(), [("grpc.ssl_target_name_override", name)]
+            )
+
         events: asyncio.Queue[tuple[str, Any] | BaseException] = asyncio.Queue(1000)
 
         settled = {address: asyncio.Event() for address in found}  # its tap is open, or refused
 
         async def follow(address: str) -> None:
             try:
-                async with grpc.aio.insecure_channel(address) as channel:
+                async with channel_to(address) as channel:
                     call = admin_pb2_grpc.AdminStub(channel).Tap(request)
                     await call.initial_metadata()  # the process opened the tap (or the call failed)
                     settled[address].set()

@@ -1,24 +1,48 @@
 """The proxy's admin port: `grpc.health.v1` (SERVING once a snapshot is loaded), server
-reflection of its own services, and `gmesh.v1.Admin/ConfigDump`."""
+reflection of its own services, `gmesh.v1.Admin/ConfigDump` and `Tap`.
+
+Loopback by default. With an identity (`gmesh proxy --identity` or `--inbound`), the port
+serves mutual TLS only, and ConfigDump and Tap (which show config and live calls) are admitted
+by the AuthorizationPolicies of the proxy's own service like any call to it: an ALLOW policy
+must let the caller's identity call `/gmesh.v1.Admin/*` (`gmesh tap --identity ops`)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gmesh.errors import CallError
 from gmesh.outbound.stack import Outbound
 from gmesh.proxy.server import bind
+from gmesh.security.enforce import Gate
 from gmesh.stats.tap import DEFAULT_BODY, DEFAULT_RATE, Tap, TapHub, TooManyTaps
 from gmesh.v1 import admin_pb2, admin_pb2_grpc
 
+if TYPE_CHECKING:
+    from gmesh.security.identity import WorkloadIdentity
+
+log = logging.getLogger(__name__)
+
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+
+
+def _loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def config_dump(outbound: Outbound, proxy: dict[str, Any], only: str = "") -> dict[str, Any]:
@@ -70,14 +94,32 @@ def config_dump(outbound: Outbound, proxy: dict[str, Any], only: str = "") -> di
 
 
 class _Admin(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, dump: Callable[[str], dict[str, Any]], hub: Callable[[str], TapHub | None]) -> None:
+    def __init__(
+        self,
+        dump: Callable[[str], dict[str, Any]],
+        hub: Callable[[str], TapHub | None],
+        gate: Gate | None = None,
+    ) -> None:
         self._dump = dump
         self._hub = hub
+        self._gate = gate
+
+    async def _admit(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        if self._gate is None:
+            return
+        try:
+            self._gate.admit(
+                context, f"/{ADMIN_SERVICE}/{method}", tuple(context.invocation_metadata() or ())
+            )
+        except CallError as exc:
+            await context.abort(exc.status, exc.details)
 
     async def ConfigDump(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._admit(context, "ConfigDump")
         return admin_pb2.ConfigDumpResponse(json=json.dumps(self._dump(request.service), indent=2))
 
     async def Tap(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await self._admit(context, "Tap")
         async for event in tap_events(request, context, self._hub):
             yield event
 
@@ -126,8 +168,18 @@ class AdminServer:
         proxy_info: Callable[[], dict[str, Any]],
         *,
         reuse_port: bool = False,
+        identity: WorkloadIdentity | None = None,
     ) -> None:
         self.outbound = outbound
+        gate = None
+        if identity is not None:
+            gate = Gate(identity.service, lambda: outbound.snapshot)
+        elif not _loopback(listen):
+            log.warning(
+                "the admin port %s is not on loopback and has no mTLS (no --identity): whoever reaches "
+                "it can dump config and tap calls",
+                listen,
+            )
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -135,13 +187,16 @@ class AdminServer:
             _Admin(
                 lambda only: config_dump(outbound, proxy_info(), only),
                 lambda service: outbound.mesh.taps if outbound.snapshot.has_service(service) else None,
+                gate,
             ),
             self.server,
         )
         reflection.enable_server_reflection(
             (ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.address = bind(self.server, listen)
+        credentials = identity.server_credentials() if identity is not None else None
+        self.address = bind(self.server, listen, credentials=credentials)
+        self.tls = identity is not None
 
     async def start(self) -> None:
         await self.server.start()

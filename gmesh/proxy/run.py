@@ -128,6 +128,7 @@ class RunningProxy:
             "id": self.id,
             "address": self.server.address,
             "admin": self.admin.address if self.admin else "",
+            "adminTls": bool(self.admin and self.admin.tls),
             "metrics": self.metrics.address if self.metrics else "",
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -140,6 +141,15 @@ class RunningProxy:
             "serving": self.serving,
             "startedAt": self.started_at,
         }
+
+    def dump_info(self) -> dict[str, Any]:
+        """`info()` plus what the config dump shows of this proxy's identity and inbound side."""
+        out = self.info()
+        if self.identity is not None:
+            out["identityState"] = self.identity.describe()
+        if self.sidecar is not None:
+            out["inboundState"] = self.sidecar.describe()
+        return out
 
     async def start(self, *, wait_for_snapshot: float = 5.0) -> None:
         s = self.settings
@@ -195,7 +205,9 @@ class RunningProxy:
             port = self.server.address.rpartition(":")[2]
             self.id = f"{socket.gethostname()}:{port}#{s.worker}@{os.getpid()}"
             if s.admin:
-                self.admin = AdminServer(self.outbound, s.admin, self.info, reuse_port=reuse)
+                self.admin = AdminServer(
+                    self.outbound, s.admin, self.dump_info, reuse_port=reuse, identity=self.identity
+                )
                 await self.admin.start()
             if s.metrics:
                 host, _, port_text = s.metrics.rpartition(":")

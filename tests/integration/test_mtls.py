@@ -460,3 +460,41 @@ async def test_root_rotation_under_load_fails_no_call_and_early_removal_is_refus
         finally:
             done.set()
             await side.stop(0)
+
+
+async def test_with_mtls_the_admin_port_requires_an_identity_policy_allows(
+    etcd_server: EtcdMember, store: Store, mesh_keys: MeshKeys, tmp_path: Path, ca: RunningCa
+) -> None:
+    from gmesh.v1 import admin_pb2, admin_pb2_grpc
+
+    await put(
+        store, mesh_keys, "AuthorizationPolicy", "web-admin",
+        {"service": "web", "rules": [{"from": [f"spiffe://{TD}/svc/ops"], "methods": ["/gmesh.v1.Admin/*"]}]},
+    )  # fmt: skip
+    proxy = await start_proxy(etcd_server, mesh_keys, tmp_path, identity="web", token=ca.local_token)
+    try:
+        assert proxy.admin is not None and proxy.info()["adminTls"] is True
+        address = proxy.admin.address
+
+        async def dump(credentials: grpc.ChannelCredentials | None) -> Any:
+            channel = (
+                grpc.aio.secure_channel(address, credentials, [("grpc.ssl_target_name_override", "web")])
+                if credentials is not None
+                else grpc.aio.insecure_channel(address)
+            )
+            async with channel:
+                stub = admin_pb2_grpc.AdminStub(channel)
+                return await stub.ConfigDump(admin_pb2.ConfigDumpRequest(), timeout=5)
+
+        with pytest.raises(grpc.aio.AioRpcError) as plaintext:
+            await dump(None)
+        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError) as intruder:
+            await dump(leaf_credentials(ca.root, "intruder"))
+        assert intruder.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "web-admin" in (intruder.value.details() or "")
+        shown = json.loads((await dump(leaf_credentials(ca.root, "ops"))).json)
+        state = shown["proxy"]["identityState"]
+        assert state["identity"] == WEB and state["state"] == "fresh" and state["expiresInSeconds"] > 3000
+    finally:
+        await proxy.stop(0)
