@@ -498,3 +498,38 @@ async def test_with_mtls_the_admin_port_requires_an_identity_policy_allows(
         assert state["identity"] == WEB and state["state"] == "fresh" and state["expiresInSeconds"] > 3000
     finally:
         await proxy.stop(0)
+
+
+async def test_route_rules_match_the_callers_identity(
+    etcd_server: EtcdMember, store: Store, mesh_keys: MeshKeys, ca: RunningCa
+) -> None:
+    from gmesh.testing.echo import start_echo_server
+
+    servers = {v: await start_echo_server(v) for v in ("v1", "v2")}
+    await put(store, mesh_keys, "Service", "echo", {"subsets": {v: {"version": v} for v in servers}})
+    await put(
+        store, mesh_keys, "Route", "echo",
+        {"service": "echo", "rules": [
+            {"name": "web-to-v2", "match": {"caller": {"identity": {"exact": WEB}}},
+             "backends": [{"subset": "v2", "weight": 100}]},
+            {"name": "rest", "backends": [{"subset": "v1", "weight": 100}]},
+        ]},
+    )  # fmt: skip
+    try:
+        async with (
+            gmesh.register(servers["v1"].address, service="echo", labels={"version": "v1"}, store=store,
+                           prefix=mesh_keys.prefix, handle_sigterm=False, drain_delay=0),
+            gmesh.register(servers["v2"].address, service="echo", labels={"version": "v2"}, store=store,
+                           prefix=mesh_keys.prefix, handle_sigterm=False, drain_delay=0),
+        ):  # fmt: skip
+            for who, expected in (("web", "v2"), ("batch", "v1")):
+                async with gmesh.aio.channel(
+                    "gmesh:///echo", etcd=etcd_server.url, prefix=mesh_keys.prefix, identity=who,
+                    token=ca.local_token,
+                ) as channel:  # fmt: skip
+                    stub = echo_pb2_grpc.EchoStub(channel)
+                    answers = [(await stub.Unary(REQUEST, timeout=5)).server for _ in range(10)]
+                    assert answers == [expected] * 10, who
+    finally:
+        for server in servers.values():
+            await server.stop(None)
