@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from gmesh.chain.metadata import Metadata, metadata_value
+from gmesh.chain.metadata import Metadata, metadata_values
 from gmesh.config.kinds import ConfigView, Kind, Resource
 from gmesh.config.types import MetadataKey, Name, SpecModel
 from gmesh.routing import match as m
@@ -66,14 +66,17 @@ class IdentityMatch(SpecModel):
 class RuleSpec(SpecModel):
     """One rule: the caller (`from`), the method and the request metadata; each given must hold."""
 
-    from_: list[str | IdentityMatch] | None = Field(
+    from_: list[IdentityMatch] | None = Field(
         default=None,
         alias="from",
+        min_length=1,
         description="Caller identities (SPIFFE IDs): exact strings, globs with '*', or "
         "{exact|prefix|glob: ...}. '*' also matches callers without an identity (plaintext).",
     )
     methods: list[str] | None = Field(
-        default=None, description="Method paths (/pkg.Service/Method), or prefixes ending in '*'."
+        default=None,
+        min_length=1,
+        description="Method paths (/pkg.Service/Method), or prefixes ending in '*'.",
     )
     metadata: dict[MetadataKey, MetadataMatch] | None = Field(
         default=None, description="Request metadata key -> match (exact, prefix, regex, present, absent)."
@@ -94,16 +97,22 @@ class RuleSpec(SpecModel):
                 )
         return methods
 
-    @field_validator("from_")
+    @field_validator("from_", mode="before")
     @classmethod
-    def _from(cls, sources: list[str | IdentityMatch] | None) -> list[str | IdentityMatch] | None:
-        for source in sources or ():
-            text = source if isinstance(source, str) else None
-            if text is not None and text != "*" and not text.startswith("spiffe://") and "*" not in text:
-                raise ValueError(
-                    f"from {text!r}: a SPIFFE ID (spiffe://<trust-domain>/svc/<service>) or a glob"
-                )
-        return sources
+    def _from(cls, sources: Any) -> Any:
+        """A string is an exact SPIFFE ID, or a glob when it has '*': one entry type after this."""
+        if not isinstance(sources, list):
+            return sources
+        out = []
+        for source in sources:
+            if isinstance(source, str):
+                if source != "*" and not source.startswith("spiffe://") and "*" not in source:
+                    raise ValueError(
+                        f"from {source!r}: a SPIFFE ID (spiffe://<trust-domain>/svc/<service>) or a glob"
+                    )
+                source = {"glob": source} if "*" in source else {"exact": source}
+            out.append(source)
+        return out
 
 
 class AuthorizationPolicySpec(SpecModel):
@@ -136,7 +145,7 @@ class _Rule:
     method_prefixes: tuple[str, ...]
     metadata: tuple[tuple[str, m.StringPredicate], ...]
 
-    def holds(self, identity: str, method: str, metadata: Metadata) -> bool:
+    def holds(self, identity: str, method: str, metadata: Metadata, *, deny: bool = False) -> bool:
         if self.ids is not None and not (
             identity in self.ids
             or (self.id_prefixes and identity.startswith(self.id_prefixes))
@@ -147,7 +156,18 @@ class _Rule:
             method in self.methods or (self.method_prefixes and method.startswith(self.method_prefixes))
         ):
             return False
-        return all(predicate(metadata_value(metadata, key)) for key, predicate in self.metadata)
+        for key, predicate in self.metadata:
+            values = [
+                v if isinstance(v, str) else v.decode("latin-1") for v in metadata_values(metadata, key)
+            ]
+            if not values:
+                if not predicate(None):
+                    return False
+            # A key sent twice must not slip past a policy: a DENY rule holds when any value
+            # matches, an ALLOW rule only when every value does.
+            elif not (any if deny else all)(predicate(v) for v in values):
+                return False
+        return True
 
 
 def _compile_rule(rule: RuleSpec) -> _Rule:
@@ -157,12 +177,7 @@ def _compile_rule(rule: RuleSpec) -> _Rule:
     if rule.from_ is not None:
         ids = set()
         for source in rule.from_:
-            if isinstance(source, str):
-                if "*" in source:
-                    globs.append(source)
-                else:
-                    ids.add(source)
-            elif source.exact is not None:
+            if source.exact is not None:
                 ids.add(source.exact)
             elif source.prefix is not None:
                 prefixes.append(source.prefix)
@@ -195,7 +210,8 @@ class _Policy:
     rules: tuple[_Rule, ...]
 
     def matches(self, identity: str, method: str, metadata: Metadata) -> bool:
-        return any(rule.holds(identity, method, metadata) for rule in self.rules)
+        deny = self.action != "ALLOW"
+        return any(rule.holds(identity, method, metadata, deny=deny) for rule in self.rules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +249,11 @@ class Authorizer:
             if policy.matches(identity, method, metadata):
                 return Decision(False, policy.name, f"DENY policy {policy.name} matches", audits)
         if not self.allows:
-            return ALLOWED if not audits else Decision(True, "", ALLOWED.reason, audits)
+            if not self.denies:
+                return ALLOWED if not audits else Decision(True, "", ALLOWED.reason, audits)
+            return Decision(
+                True, "", "no DENY policy matches, and no ALLOW policy selects the service", audits
+            )
         for policy in self.allows:
             if policy.matches(identity, method, metadata):
                 return Decision(True, policy.name, f"ALLOW policy {policy.name} matches", audits)

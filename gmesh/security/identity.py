@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -94,7 +95,8 @@ class Material:
     serial: int
     issuer: str
     version: int
-    _credentials: list[Any] = field(default_factory=list, compare=False, repr=False)
+    #: built on first use; never copied by `dataclasses.replace` (init=False)
+    _credentials: list[Any] = field(default_factory=list, init=False, compare=False, repr=False)
 
     @property
     def server_config(self) -> Any:
@@ -467,13 +469,7 @@ class WorkloadIdentity:
                     log.info("trust bundle of %s now has %d roots", self.service, len(bundle.roots))
                     self._version += 1
                     self._install(
-                        Material(
-                            **{
-                                **{k: getattr(material, k) for k in _FIELDS},
-                                "roots_pem": bundle.pem(),
-                                "version": self._version,
-                            }
-                        )
+                        dataclasses.replace(material, roots_pem=bundle.pem(), version=self._version)
                     )
 
 
