@@ -2,6 +2,7 @@
 
     python examples/client.py [--proxy 127.0.0.1:15001] [--calls 10]
     python examples/client.py --forever [--rate 50]     # steady traffic via gmesh:///orders
+    python examples/client.py --service secure-orders --identity web   # mTLS, as mesh identity web
 
 Via the proxy: a plain grpc.aio channel to `gmesh proxy`. In-process: `gmesh.aio.channel`
 ("gmesh:///orders"), the same routing without the proxy hop. Start the servers and the proxy
@@ -58,7 +59,20 @@ async def main() -> None:
     parser.add_argument("--calls", type=int, default=10, help="calls each way")
     parser.add_argument("--forever", action="store_true", help="call gmesh:///orders until stopped")
     parser.add_argument("--rate", type=float, default=50, help="calls per second with --forever")
+    parser.add_argument("--service", default="orders", help="the mesh service to call")
+    parser.add_argument(
+        "--identity",
+        help="call via gmesh:///SERVICE only, as this mesh identity (mutual TLS to endpoints that offer it)",
+    )
     args = parser.parse_args()
+    if args.identity:
+        target = f"gmesh:///{args.service}"
+        async with gmesh.aio.channel(target, identity=args.identity) as channel:
+            try:
+                print(f"via {target} as {args.identity}:", dict(await calls(channel, args.calls)))
+            except grpc.aio.AioRpcError as exc:
+                print(f"via {target} as {args.identity}: {exc.code().name}: {exc.details()}")
+        return
     if args.forever:
         await forever(args.rate)
         return

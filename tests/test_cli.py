@@ -144,15 +144,19 @@ def test_get_endpoints_table_and_json(gmesh_env: dict[str, str], mesh_keys: Mesh
     async def put() -> None:
         async with await Store.connect(EtcdConfig.parse(gmesh_env["GMESH_ETCD"])) as store:
             for addr, version in (("127.0.0.1:5001", "v1"), ("127.0.0.1:5002", "v2")):
-                ep = Endpoint("orders", addr, labels={"version": version}, grpc_services=("shop.Orders",))
+                tls = addr if version == "v2" else ""  # v2 serves mTLS only
+                ep = Endpoint(
+                    "orders", addr, labels={"version": version}, grpc_services=("shop.Orders",), tls=tls
+                )
                 await store.put(mesh_keys.endpoint("orders", addr), ep.to_json())
 
     asyncio.run(put())
     rows = gmesh("get", "endpoints", env=gmesh_env).stdout.splitlines()
-    assert rows[0].split() == ["SERVICE", "ADDRESS", "LABELS", "GRPC", "SERVICES", "ZONE", "WEIGHT", "AGE"]
-    assert [r.split()[:4] for r in rows[1:]] == [
-        ["orders", "127.0.0.1:5001", "version=v1", "shop.Orders"],
-        ["orders", "127.0.0.1:5002", "version=v2", "shop.Orders"],
+    header = ["SERVICE", "ADDRESS", "MTLS", "LABELS", "GRPC", "SERVICES", "ZONE", "WEIGHT", "AGE"]
+    assert rows[0].split() == header
+    assert [r.split()[:5] for r in rows[1:]] == [
+        ["orders", "127.0.0.1:5001", "-", "version=v1", "shop.Orders"],
+        ["orders", "127.0.0.1:5002", "only", "version=v2", "shop.Orders"],
     ]
     records = json.loads(gmesh("get", "endpoints", "orders", "-o", "json", env=gmesh_env).stdout)
     assert [(r["service"], r["address"], r["labels"]) for r in records] == [

@@ -156,6 +156,7 @@ def endpoints_table(endpoints: list[Endpoint]) -> str:
         [
             e.service,
             e.address,
+            ("only" if e.tls == e.address else e.tls) if e.tls else "-",
             ",".join(f"{k}={v}" for k, v in sorted(e.labels.items())) or "-",
             ",".join(e.grpc_services) or "-",
             e.zone or "-",
@@ -164,7 +165,7 @@ def endpoints_table(endpoints: list[Endpoint]) -> str:
         ]
         for e in endpoints
     ]
-    return table(["SERVICE", "ADDRESS", "LABELS", "GRPC SERVICES", "ZONE", "WEIGHT", "AGE"], rows)
+    return table(["SERVICE", "ADDRESS", "MTLS", "LABELS", "GRPC SERVICES", "ZONE", "WEIGHT", "AGE"], rows)
 
 
 async def _get_proxies(target: MeshTarget, output: str) -> None:

@@ -63,6 +63,13 @@ class IdentityMatch(SpecModel):
         return self
 
 
+def _strings_too(schema: dict[str, Any]) -> None:
+    """Editors see what the loader takes: a `from` entry is a string or an IdentityMatch."""
+    for option in schema.get("anyOf", ()):
+        if option.get("type") == "array":
+            option["items"] = {"anyOf": [{"type": "string"}, option["items"]]}
+
+
 class RuleSpec(SpecModel):
     """One rule: the caller (`from`), the method and the request metadata; each given must hold."""
 
@@ -72,6 +79,7 @@ class RuleSpec(SpecModel):
         min_length=1,
         description="Caller identities (SPIFFE IDs): exact strings, globs with '*', or "
         "{exact|prefix|glob: ...}. '*' also matches callers without an identity (plaintext).",
+        json_schema_extra=lambda schema: _strings_too(schema),
     )
     methods: list[str] | None = Field(
         default=None,
