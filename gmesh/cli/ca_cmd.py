@@ -77,21 +77,71 @@ def ca() -> None:
 @click.option(
     "--force", is_flag=True, help="replace an existing CA (every certificate it signed stops verifying)"
 )
+@click.option(
+    "--cert",
+    "cert_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="use this CA certificate (an intermediate your own root signed) instead of making a root",
+)
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="its ECDSA key (PEM)",
+)
+@click.option(
+    "--bundle",
+    "bundle_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="with --cert: the root certificate(s) above it, PEM (what every workload trusts)",
+)
 @mesh_options
-def init(target: MeshTarget, trust_domain: str, directory: str | None, force: bool) -> None:
-    """Create the root: key and certificate in files (the key 0600), the trust bundle in etcd."""
+def init(
+    target: MeshTarget,
+    trust_domain: str,
+    directory: str | None,
+    force: bool,
+    cert_file: str | None,
+    key_file: str | None,
+    bundle_file: str | None,
+) -> None:
+    """Create the root: key and certificate in files (the key 0600), the trust bundle in etcd.
+
+    With --cert/--key/--bundle, gmesh's CA is an intermediate of your own root instead: it signs
+    leaves with that key, sends its certificate with every leaf, and workloads trust --bundle."""
+    from gmesh.errors import InvalidArgument
     from gmesh.security.ca import Root, cert_pem, key_pem
     from gmesh.security.tokens import TrustBundle, write_bundle
 
     where = ca_dir(directory)
     if (where / ROOT_KEY).exists() and not force:
         raise Conflict(f"a CA exists in {where} already (--force replaces it)")
-    root = Root.create(trust_domain)
+    external = cert_file is not None or key_file is not None
+    roots: tuple[str, ...] = ()
+    if external:
+        if not (cert_file and key_file):
+            raise InvalidArgument("--cert and --key go together")
+        root = Root.load(Path(cert_file).read_bytes(), Path(key_file).read_bytes(), trust_domain)
+        if root.intermediate and not bundle_file:
+            raise InvalidArgument("--cert is an intermediate: give the root(s) above it with --bundle")
+        if bundle_file:
+            from cryptography import x509
+
+            try:
+                certs = x509.load_pem_x509_certificates(Path(bundle_file).read_bytes())
+            except ValueError as exc:
+                raise InvalidArgument(f"--bundle: not PEM certificates: {exc}") from None
+            roots = tuple(cert_pem(c).decode() for c in certs)
+    else:
+        root = Root.create(trust_domain)
     where.mkdir(parents=True, exist_ok=True)
     os.chmod(where, 0o700)
     _write_private(where / ROOT_KEY, key_pem(root.key))
     (where / ROOT_CERT).write_bytes(cert_pem(root.cert))
-    (where / SETTINGS).write_text(json.dumps({"trustDomain": trust_domain}))
+    (where / SETTINGS).write_text(json.dumps({"trustDomain": trust_domain, "external": external}))
     # The local token: workloads of this user on this machine get certificates with it (no join
     # token needed); it never leaves the machine.
     import secrets
@@ -100,7 +150,9 @@ def init(target: MeshTarget, trust_domain: str, directory: str | None, force: bo
 
     async def go() -> None:
         async with target.store() as store:
-            await write_bundle(store, target.keys, TrustBundle(trust_domain, (cert_pem(root.cert).decode(),)))
+            await write_bundle(
+                store, target.keys, TrustBundle(trust_domain, roots or (cert_pem(root.cert).decode(),))
+            )
 
     run(go())
     click.echo(
@@ -160,6 +212,12 @@ def rotate(target: MeshTarget, directory: str | None, propagation: float, finish
     where = ca_dir(directory)
     current = load_root(where)
     assert isinstance(current, Root)
+    if json.loads((where / SETTINGS).read_text()).get("external"):
+        raise Conflict(
+            "this CA is an intermediate of your own root: replace it with a new intermediate from that "
+            "root (`gmesh ca init --force --cert ... --key ... --bundle ...`: leaves of the old one keep "
+            "verifying against the same bundle); gmesh rotates only roots it made"
+        )
 
     async def go() -> str:
         async with target.store() as store:

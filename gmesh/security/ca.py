@@ -85,35 +85,62 @@ class Root:
     trust_domain: str
 
     @classmethod
-    def create(cls, trust_domain: str, *, lifetime: datetime.timedelta = ROOT_LIFETIME) -> Root:
+    def create(
+        cls,
+        trust_domain: str,
+        *,
+        lifetime: datetime.timedelta = ROOT_LIFETIME,
+        parent: Root | None = None,
+        path_length: int = 0,
+    ) -> Root:
+        """A self-signed root, or with `parent` an intermediate it signs (an organisation's own
+        root signing gmesh's CA: what `gmesh ca init --cert --key --bundle` takes)."""
         check_trust_domain(trust_domain)
         key = new_key()
         name = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "gmesh"),
-                x509.NameAttribute(NameOID.COMMON_NAME, f"gmesh root CA for {trust_domain}"),
+                x509.NameAttribute(
+                    NameOID.COMMON_NAME,
+                    f"gmesh {'intermediate' if parent else 'root'} CA for {trust_domain}",
+                ),
             ]
         )
         now = _now()
         public = key.public_key()
-        cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(name)
-            .issuer_name(name)
+            .issuer_name(parent.cert.subject if parent else name)
             .public_key(public)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(now + lifetime)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .not_valid_after(
+                min(now + lifetime, parent.cert.not_valid_after_utc) if parent else now + lifetime
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
             .add_extension(_key_usage(ca=True), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .add_extension(
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
                 critical=False,
             )
-            .sign(key, hashes.SHA256())
         )
+        if parent is not None:
+            builder = builder.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()), critical=False
+            )
+        cert = builder.sign(parent.key if parent else key, hashes.SHA256())
         return cls(cert, key, trust_domain)
+
+    @property
+    def intermediate(self) -> bool:
+        """Signed by another CA (an external root): its certificate goes with every leaf."""
+        return self.cert.issuer != self.cert.subject
+
+    def chain_pem(self, leaf: x509.Certificate) -> bytes:
+        """What a workload presents: the leaf, and this CA's certificate when it is an intermediate."""
+        return cert_pem(leaf) + (cert_pem(self.cert) if self.intermediate else b"")
 
     @classmethod
     def load(cls, cert_pem_bytes: bytes, key_pem_bytes: bytes, trust_domain: str) -> Root:

@@ -313,8 +313,6 @@ class WorkloadIdentity:
         leaf = x509.load_pem_x509_certificate(response.certificate)
         self._key = key
         self._version += 1
-        if current is None or request.get("token"):
-            self._token = None  # single use: spent now
         self._install(
             Material(
                 service=self.service,

@@ -133,9 +133,9 @@ class CertificateAuthority(ca_pb2_grpc.CertificateAuthorityServicer):  # type: i
         if not current.not_valid_before_utc.timestamp() <= now <= current.not_valid_after_utc.timestamp():
             raise RenewalRefused("the current certificate is not valid now (expired?): use a join token")
         bundle = await read_bundle(self.store, self.keys)
-        roots = (
-            [x509.load_pem_x509_certificate(r.encode()) for r in bundle.roots] if bundle else [self.root.cert]
-        )
+        roots = [x509.load_pem_x509_certificate(r.encode()) for r in bundle.roots] if bundle else []
+        # signed by a root of the bundle, or by this CA itself (an intermediate under the bundle)
+        roots += [r.cert for r in (self.root, self.previous) if r is not None]
         if not any(_issued_by(current, root) for root in roots):
             raise RenewalRefused("the current certificate is not signed by a root of this mesh")
         identity = identity_of(current) or ""
@@ -174,7 +174,7 @@ class CertificateAuthority(ca_pb2_grpc.CertificateAuthorityServicer):  # type: i
         await self._record(leaf, service, signer)
         roots = bundle.pem() if bundle is not None else cert_pem(self.root.cert)
         return ca_pb2.SignResponse(
-            certificate=cert_pem(leaf),
+            certificate=signer.chain_pem(leaf),
             roots=roots,
             identity=identity_of(leaf) or "",
             expires=leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -240,7 +240,7 @@ class CaLeaf:
         self.not_after = leaf.not_valid_after_utc.timestamp()
         self.renew_at = now + (self.not_after - now) * 2 / 3
         self.config = grpc.ssl_server_certificate_configuration(
-            [(key_pem(key), cert_pem(leaf))], roots_pem or cert_pem(self.root.cert)
+            [(key_pem(key), self.root.chain_pem(leaf))], roots_pem or cert_pem(self.root.cert)
         )
         self.version += 1
 

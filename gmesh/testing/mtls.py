@@ -58,11 +58,15 @@ async def running_ca(
     trust_domain: str = "gmesh.local",
     lifetime: float = 24 * 3600,
     root: Root | None = None,
+    bundle: tuple[str, ...] | None = None,
+    local_token: str | None = None,
 ) -> AsyncIterator[RunningCa]:
-    """A CA signing leaves of `lifetime` seconds, registered as gmesh-ca, with a local token."""
+    """A CA signing leaves of `lifetime` seconds, registered as gmesh-ca, with a local token.
+    `root` may be an intermediate, with `bundle` the PEM roots above it."""
     root = root or Root.create(trust_domain)
-    await write_bundle(store, keys, TrustBundle(root.trust_domain, (cert_pem(root.cert).decode(),)))
-    token = secrets.token_urlsafe(16)
+    roots = bundle or (cert_pem(root.cert).decode(),)
+    await write_bundle(store, keys, TrustBundle(root.trust_domain, roots))
+    token = local_token or secrets.token_urlsafe(16)
     life = datetime.timedelta(seconds=lifetime)
     authority = CertificateAuthority(root, store, keys, lifetime=life, local_token=token)
     server = grpc.aio.server()

@@ -388,7 +388,7 @@ async def test_rotation_under_load_fails_no_call(
 async def test_an_identity_keeps_serving_while_the_ca_is_away(
     store: Store, mesh_keys: MeshKeys, tmp_path: Path
 ) -> None:
-    async with running_ca(store, mesh_keys, trust_domain=TD, lifetime=6) as ca:
+    async with running_ca(store, mesh_keys, trust_domain=TD, lifetime=4) as ca:
         identity = await WorkloadIdentity.start(store, mesh_keys, "orders", token=ca.local_token)
         first = identity.material
         await ca.server.stop(None)  # the CA goes away
@@ -397,6 +397,12 @@ async def test_an_identity_keeps_serving_while_the_ca_is_away(
         assert identity.material is first  # still the certificate it had
         state = identity.describe()
         assert "CA unreachable" in state["state"] and state["lastError"]
+        await until(lambda: "EXPIRED" in identity.describe()["state"], 10, "the certificate expired")
+        # the CA comes back (same root, same local token): the identity gets a certificate again
+        async with running_ca(store, mesh_keys, root=ca.root, local_token=ca.local_token, lifetime=60):
+            await until(lambda: identity.stale_since is None, 40, "a certificate again")
+            assert identity.material.not_after > time.time() + 30
+            assert identity.describe()["state"] == "fresh"
     finally:
         await identity.close()
 
@@ -533,3 +539,43 @@ async def test_route_rules_match_the_callers_identity(
     finally:
         for server in servers.values():
             await server.stop(None)
+
+
+async def test_an_external_root_with_gmesh_as_its_intermediate(
+    etcd_server: EtcdMember, store: Store, mesh_keys: MeshKeys
+) -> None:
+    """An organisation's root signs gmesh's CA; workloads trust only that root, leaves carry the
+    intermediate, and mTLS calls (and renewals by the current certificate) work."""
+    from cryptography import x509
+
+    organisation = Root.create(TD, path_length=1)
+    intermediate = Root.create(TD, parent=organisation)
+    bundle = (cert_pem(organisation.cert).decode(),)
+    async with running_ca(store, mesh_keys, root=intermediate, bundle=bundle, lifetime=4) as ca:
+        echo = await WorkloadIdentity.start(store, mesh_keys, "echo", token=ca.local_token)
+        chain = x509.load_pem_x509_certificates(echo.material.cert_pem)
+        assert [c.subject for c in chain] == [chain[0].subject, intermediate.cert.subject]
+        assert echo.material.roots_pem == bundle[0].encode()
+        server = grpc.aio.server()
+        echo_pb2_grpc.add_EchoServicer_to_server(EchoServicer("org"), server)
+        port = server.add_secure_port("127.0.0.1:0", gmesh.server_credentials(echo))
+        await server.start()
+        try:
+            async with (
+                gmesh.register(
+                    f"127.0.0.1:{port}", service="echo", store=store, prefix=mesh_keys.prefix, tls=True,
+                    reflection=False, grpc_services=["gmesh.v1.Echo"], handle_sigterm=False, drain_delay=0,
+                ),
+                gmesh.aio.channel(
+                    "gmesh:///echo", etcd=etcd_server.url, prefix=mesh_keys.prefix, identity="web",
+                    token=ca.local_token,
+                ) as channel,
+            ):  # fmt: skip
+                stub = echo_pb2_grpc.EchoStub(channel)
+                assert (await stub.Unary(REQUEST, timeout=5)).server == "org"
+                await echo.wait_renewed(10)  # renewed by its current (intermediate-signed) certificate
+                assert (await stub.Unary(REQUEST, timeout=5)).server == "org"
+                assert echo.renewals >= 1 and echo.failures == 0
+        finally:
+            await server.stop(None)
+            await echo.close()
