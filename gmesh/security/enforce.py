@@ -57,6 +57,9 @@ class Gate:
         self.own_identity = own_identity
         #: (transport, result, policy) -> calls; result is allowed, denied, audited, refused
         self.counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        from gmesh.stats.metrics import COLLECTOR
+
+        COLLECTOR.add_gate(self)  # gmesh_received_calls_total (weakly held)
 
     def admit(self, context: Any, method: str, metadata: Metadata) -> str:
         """The caller's identity, or `CallError` (UNAUTHENTICATED, PERMISSION_DENIED)."""

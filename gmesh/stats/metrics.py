@@ -356,6 +356,13 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "1 while outlier detection keeps the endpoint out.",
         ("service", "endpoint"),
     ),
+    "received_calls": (
+        "counter",
+        "Calls received where authorization is enforced (inbound proxies, gmesh.server_interceptors, "
+        "admin ports with mTLS), by transport (mtls, plaintext), result (allowed, denied, refused: "
+        "plaintext to a STRICT service, audited: an AUDIT policy matched) and deciding policy.",
+        ("service", "transport", "result", "policy"),
+    ),
     "spans_exported": ("counter", "Trace spans this process sent to its OTLP collector.", ()),
     "spans_dropped": (
         "counter",
@@ -416,6 +423,8 @@ class MeshCollector:
 
     def __init__(self) -> None:
         self._meshes: weakref.WeakSet[MeshMetrics] = weakref.WeakSet()
+        #: where received calls are admitted (`gmesh.security.enforce.Gate`: has service, counts)
+        self._gates: weakref.WeakSet[Any] = weakref.WeakSet()
         # stacks come and go on event loops while a scrape thread lists them
         self._lock = threading.Lock()
 
@@ -427,12 +436,20 @@ class MeshCollector:
         with self._lock:
             self._meshes.discard(metrics)
 
+    def add_gate(self, gate: Any) -> None:
+        with self._lock:
+            self._gates.add(gate)
+
     def collect(self) -> Iterable[Any]:
         out = Families()
         with self._lock:
             meshes = list(self._meshes)
+            gates = list(self._gates)
         for metrics in meshes:
             metrics.samples(out)
+        for gate in gates:
+            for (transport, result, policy), count in list(gate.counts.items()):
+                out.counter("received_calls", (gate.service, transport, result, policy), count)
         if SPANS.active:
             out.counter("spans_exported", (), SPANS.exported)
             out.counter("spans_dropped", ("queue_full",), SPANS.queue_full)

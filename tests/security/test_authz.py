@@ -649,3 +649,31 @@ def test_an_empty_list_is_refused_instead_of_never_matching(field: str) -> None:
     problems = problems_of(policy_doc("p", [{field: []}]))
     assert [p.path for p in problems] == [f"spec.rules[0].{field}"]
     assert "at least 1 item" in problems[0].message
+
+
+def test_received_calls_are_in_the_prometheus_exposition() -> None:
+    """gmesh_received_calls_total, parsed from the text the proxy's /metrics serves."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gmesh.metrics import process_registry
+
+    snapshot = snapshot_of(load(policy_doc("web-only", [{"from": [WEB]}], service="exposed")))
+    gate = Gate("exposed", lambda: snapshot)
+    for _ in range(3):
+        gate.admit(mtls(WEB), GET, ())
+    refused(lambda: gate.admit(mtls(ORDERS), GET, ()))
+    refused(lambda: gate.admit(PLAIN, GET, ()))
+    text = generate_latest(process_registry()).decode()
+    samples = {
+        (s.labels["transport"], s.labels["result"], s.labels["policy"]): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "gmesh_received_calls"
+        for s in family.samples
+        if s.name == "gmesh_received_calls_total" and s.labels["service"] == "exposed"
+    }
+    assert samples == {
+        ("mtls", "allowed", "web-only"): 3.0,
+        ("mtls", "denied", "web-only"): 1.0,
+        ("plaintext", "denied", "web-only"): 1.0,
+    }
