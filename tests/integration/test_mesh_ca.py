@@ -207,6 +207,13 @@ async def test_ca_serve_registers_in_the_mesh_and_signs(
                     ca_pb2_grpc.CertificateAuthorityStub(channel), make_csr(new_key(), "orders", TD), token
                 )
             assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+        # garbage where a TLS hello should be: the CA goes on serving
+        host, port = address.rsplit(":", 1)
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"\x16\x03\x01\x00\x40" + os.urandom(64) + b"GET / HTTP/1.1\r\n\r\n")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
         # a workload finds it in the mesh, verifies it with the bundle, spends its join token
         orders = await WorkloadIdentity.start(store, mesh_keys, "orders", token=token)
         assert orders.spiffe_id == f"spiffe://{TD}/svc/orders"
