@@ -27,8 +27,8 @@ def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path: Path) -> None:
         rows = [
             line.split() for line in out.splitlines() if line.startswith("orders ") and "version=" in line
         ]
-        assert sorted(r[2] for r in rows) == ["version=v1", "version=v2"]
-        assert all(r[3] == "gmesh.examples.v1.Orders" for r in rows)
+        assert sorted(r[3] for r in rows) == ["version=v1", "version=v2"]  # SERVICE ADDRESS MTLS LABELS
+        assert all(r[2] == "-" and r[4] == "gmesh.examples.v1.Orders" for r in rows)
         assert "served_by=v1" in out and "served_by=v2" in out
         calls = {(r[0], r[1]): int(r[3]) for r in (line.split() for line in out.splitlines()) if len(r) == 4
                  and r[0] in ("proxy", "channel")}  # fmt: skip
