@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_CSR = 16 * 1024
+#: `gmesh ca serve` warns (daily) when its root expires within this many seconds
+ROOT_WARNING = 30 * 86400
 SERVICE_NAME = "gmesh.v1.CertificateAuthority"
 CA_SERVICE = "gmesh-ca"
 
@@ -265,10 +267,18 @@ async def keep_leaf(
 
     from gmesh.errors import GmeshError
 
+    warned = 0.0
     while True:
         await asyncio.sleep(1.0)
         if reload is not None:
             reload()
+        left = authority.root.cert.not_valid_after_utc.timestamp() - time.time()
+        if left < ROOT_WARNING and time.time() - warned > 86400:
+            warned = time.time()
+            log.warning(
+                "the mesh's root expires in %.0f days: rotate it (`gmesh ca rotate`) before it does",
+                left / 86400,
+            )
         bundle = None
         with contextlib.suppress(GmeshError):
             bundle = await read_bundle(authority.store, authority.keys)

@@ -224,6 +224,10 @@ async def test_ca_serve_registers_in_the_mesh_and_signs(
         assert web.spiffe_id == f"spiffe://{TD}/svc/web"
         await orders.close()
         await web.close()
+        # with certificates issued (and recorded), etcd still holds no private key
+        kvs, _ = await store.get_prefix(mesh_keys.prefix)
+        assert any(kv.key.startswith(mesh_keys.issued_root) for kv in kvs)
+        assert not any(b"PRIVATE KEY" in kv.value for kv in kvs)
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 20)
