@@ -46,6 +46,7 @@ BUILTINS: dict[str, str] = {
     "accesslog": "gmesh.plugins.accesslog",
     "tap": "gmesh.plugins.tap",
     "redact": "gmesh.plugins.redact",
+    "ratelimit": "gmesh.plugins.ratelimit",
 }
 #: Built-ins gmesh cannot work without; GMESH_DISABLE_PLUGINS cannot remove them.
 ESSENTIAL = frozenset({"service", "balancer"})

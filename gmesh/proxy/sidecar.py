@@ -36,6 +36,8 @@ from gmesh.errors import CallError
 from gmesh.outbound.pool import EndpointPool, Profile
 from gmesh.proxy.relay import ProxyStream, ProxyUnary, forward_stream, forward_unary, forwardable
 from gmesh.proxy.server import bind, server_options
+from gmesh.ratelimit.limits import RateLimiter, limits_of
+from gmesh.ratelimit.spec import KIND as RATE_LIMIT_KIND
 from gmesh.security.enforce import Gate, mode_of
 
 if TYPE_CHECKING:
@@ -66,6 +68,10 @@ class Sidecar:
         self.outbound, self.identity, self.service, self.app = outbound, identity, service, app
         self.labels, self.zone = dict(labels or {}), zone
         self.gate = Gate(service, lambda: outbound.snapshot, own_identity=identity.spiffe_id)
+        #: the service's RateLimits, recompiled when they change (their buckets kept)
+        self._limits_source: Any = None
+        self._limiter: RateLimiter | None = None
+        self._limit_states: dict[str, Any] = {}
         self.app_endpoint = Endpoint(service=service, address=app)
         self.pool = EndpointPool(
             Profile(max_message_bytes=max_message_bytes), addresses_of=lambda _service: (app,)
@@ -99,6 +105,23 @@ class Sidecar:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def limiter(self) -> RateLimiter | None:
+        """The RateLimits of the service now (None without any): compiled once per change."""
+        resources = self.outbound.snapshot.resources.get(RATE_LIMIT_KIND)
+        if resources is not self._limits_source:
+            self._limits_source = resources
+            states, used = self._limit_states, {}
+
+            def kept(key: str, make: Any) -> Any:
+                found = states.get(key)
+                used[key] = found if found is not None else make()
+                return used[key]
+
+            limits = limits_of(resources or {}, self.service, kept)
+            self._limit_states = used  # limits that changed or left take their buckets with them
+            self._limiter = RateLimiter(limits) if limits else None
+        return self._limiter
 
     def wanted(self) -> tuple[str, str]:
         """(address, tls) the endpoint record should carry under the current TLS mode."""
@@ -198,6 +221,9 @@ def _make(sidecar: Sidecar, method: str, kind: MethodKind | None) -> grpc.RpcMet
             door=Door.PROXY,
         )
         call.endpoint = endpoint
+        limiter = sidecar.limiter()
+        if limiter is not None:
+            limiter.check(call)
         return call
 
     if kind is MethodKind.UNARY:

@@ -59,7 +59,7 @@ class Gate:
         self.counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         from gmesh.stats.metrics import COLLECTOR
 
-        COLLECTOR.add_gate(self)  # gmesh_received_calls_total (weakly held)
+        COLLECTOR.add_source(self)  # gmesh_received_calls_total (weakly held)
 
     def admit(self, context: Any, method: str, metadata: Metadata) -> str:
         """The caller's identity, or `CallError` (UNAUTHENTICATED, PERMISSION_DENIED)."""
@@ -91,6 +91,10 @@ class Gate:
             raise CallError(grpc.StatusCode.PERMISSION_DENIED, authorizer.denial(decision, identity, method))
         self.counts[(transport, "allowed", decision.policy)] += 1
         return identity
+
+    def metric_samples(self, out: Any) -> None:
+        for (transport, result, policy), count in list(self.counts.items()):
+            out.counter("received_calls", (self.service, transport, result, policy), count)
 
     def describe(self) -> dict[str, Any]:
         snapshot = self._snapshot()

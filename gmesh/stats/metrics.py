@@ -363,6 +363,22 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "plaintext to a STRICT service, audited: an AUDIT policy matched) and deciding policy.",
         ("service", "transport", "result", "policy"),
     ),
+    "ratelimit_rejections": (
+        "counter",
+        "Calls refused by a RateLimit (mode=enforce), or that it would have refused (mode=shadow).",
+        ("service", "limit", "mode"),
+    ),
+    "ratelimit_keys": (
+        "gauge",
+        "Buckets a RateLimit keeps in this process (one per key).",
+        ("service", "limit"),
+    ),
+    "ratelimit_overflowed": (
+        "counter",
+        "Calls of new keys that found the RateLimit's key table full of active keys and shared its "
+        "overflow bucket.",
+        ("service", "limit"),
+    ),
     "spans_exported": ("counter", "Trace spans this process sent to its OTLP collector.", ()),
     "spans_dropped": (
         "counter",
@@ -423,8 +439,8 @@ class MeshCollector:
 
     def __init__(self) -> None:
         self._meshes: weakref.WeakSet[MeshMetrics] = weakref.WeakSet()
-        #: where received calls are admitted (`gmesh.security.enforce.Gate`: has service, counts)
-        self._gates: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: other sources of samples (authorization gates, rate limits): `metric_samples(out)`
+        self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
         # stacks come and go on event loops while a scrape thread lists them
         self._lock = threading.Lock()
 
@@ -436,20 +452,20 @@ class MeshCollector:
         with self._lock:
             self._meshes.discard(metrics)
 
-    def add_gate(self, gate: Any) -> None:
+    def add_source(self, source: Any) -> None:
+        """Collect `source.metric_samples(families)` too, while `source` lives (held weakly)."""
         with self._lock:
-            self._gates.add(gate)
+            self._sources.add(source)
 
     def collect(self) -> Iterable[Any]:
         out = Families()
         with self._lock:
             meshes = list(self._meshes)
-            gates = list(self._gates)
+            sources = list(self._sources)
         for metrics in meshes:
             metrics.samples(out)
-        for gate in gates:
-            for (transport, result, policy), count in list(gate.counts.items()):
-                out.counter("received_calls", (gate.service, transport, result, policy), count)
+        for source in sources:
+            source.metric_samples(out)
         if SPANS.active:
             out.counter("spans_exported", (), SPANS.exported)
             out.counter("spans_dropped", ("queue_full",), SPANS.queue_full)

@@ -1,0 +1,1 @@
+"""Rate limits and quotas: token buckets (GCRA) per key, the RateLimit kind, checks in the LIMIT phase."""

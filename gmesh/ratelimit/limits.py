@@ -1,0 +1,256 @@
+"""Compiled rate limits and the check every front door runs (the LIMIT-phase filter of the chain
+in `gmesh proxy` and `gmesh:///` channels, and the inbound proxy).
+
+A service's limits are compiled when its chain is (never per call); their buckets are kept
+across config changes while the limit's rate, burst and key stay the same. Per call: match the
+method and metadata (set lookups), compute the key (a metadata scan, or the caller), one GCRA
+step. A refused call ends with RESOURCE_EXHAUSTED (or the limit's status) naming the limit,
+`google.rpc.RetryInfo` (when a token will be there) and `QuotaFailure` in
+`grpc-status-details-bin`, and `x-ratelimit-limit` / `-remaining` / `-reset` trailers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from gmesh.chain.call import Call
+from gmesh.chain.metadata import metadata_value
+from gmesh.errors import CallError
+from gmesh.ratelimit.bucket import Bucket, Buckets, Verdict
+from gmesh.ratelimit.spec import KIND, RateLimitSpec, format_rate
+
+if TYPE_CHECKING:
+    from gmesh.chain.filter import Handler
+    from gmesh.config.kinds import Resource
+    from gmesh.routing import match as m
+
+log = logging.getLogger(__name__)
+
+#: shadow-mode refusals are logged at most this often per limit (seconds)
+SHADOW_LOG_EVERY = 10.0
+_NO_KEY = None
+
+
+def caller_key(call: Call[Any]) -> str:
+    """`key: caller`: the verified identity, else the caller's labels, else its address."""
+    caller = call.caller
+    if caller.identity:
+        return caller.identity
+    if caller.labels:
+        return ",".join(f"{k}={v}" for k, v in sorted(caller.labels.items()))
+    peer = caller.peer
+    # ipv4:127.0.0.1:5000 -> the host: one caller, whatever connection it used
+    return peer.rpartition(":")[0] if peer.count(":") >= 2 else peer
+
+
+class Limit:
+    """One RateLimit resource, compiled. Its buckets (state) outlive recompiles (see `state_key`)."""
+
+    __slots__ = (
+        "_key_of",
+        "_last_shadow_log",
+        "always",
+        "buckets",
+        "enforce",
+        "metadata",
+        "method_prefixes",
+        "methods",
+        "name",
+        "overrides",
+        "service",
+        "spec",
+        "state",
+        "status",
+    )
+
+    def __init__(self, name: str, spec: RateLimitSpec, state: LimitState) -> None:
+        self.name = name
+        self.spec = spec
+        self.service = spec.service
+        self.enforce = spec.mode == "enforce"
+        self.status = grpc.StatusCode[spec.status]
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        for method in spec.methods or ():
+            (prefixes.append(method[:-1]) if method.endswith("*") else exact.add(method))
+        self.methods: frozenset[str] | None = frozenset(exact) if spec.methods is not None else None
+        self.method_prefixes = tuple(prefixes)
+        self.metadata: tuple[tuple[str, m.StringPredicate], ...] = tuple(
+            (k, v.compile()) for k, v in (spec.metadata or {}).items()
+        )
+        self._key_of = _key_function(spec.key)
+        self.buckets = state.buckets
+        self.overrides = state.overrides
+        self.state = state  # buckets and counts: they survive recompiles
+        self.always = self.methods is None and not self.metadata
+        self._last_shadow_log = -math.inf
+
+    def applies(self, method: str, metadata: Any) -> bool:
+        if self.always:
+            return True
+        methods = self.methods
+        if (
+            methods is not None
+            and method not in methods
+            and not (self.method_prefixes and method.startswith(self.method_prefixes))
+        ):
+            return False
+        return all(predicate(metadata_value(metadata, key)) for key, predicate in self.metadata)
+
+    def check(self, call: Call[Any], now: float) -> None:
+        """Admit `call` or raise the refusal (shadow: count, log, admit)."""
+        key = self._key_of(call)
+        buckets = self.overrides.get(key, self.buckets) if self.overrides else self.buckets
+        if buckets.take(key, now):
+            return
+        state = self.state
+        if not self.enforce:
+            state.shadow_rejected += 1
+            if now - self._last_shadow_log >= SHADOW_LOG_EVERY:
+                self._last_shadow_log = now
+                log.warning(
+                    "rate limit %s (shadow) would refuse calls to %s%s (%d so far)",
+                    self.name, self.service, f" from {key}" if key is not None else "", state.shadow_rejected,
+                )  # fmt: skip
+            return
+        state.rejected += 1
+        raise self.refusal(key, buckets.verdict(key, now, False), buckets.bucket)
+
+    def refusal(self, key: object, verdict: Verdict, bucket: Bucket) -> CallError:
+        retry = verdict.retry_after
+        whose = f" for {self.spec.key} {key}" if key is not None else ""
+        details = (
+            f"gmesh: rate limit {self.name}: {format_rate(bucket.rate)} (burst {bucket.burst}){whose} "
+            f"on {self.service}; retry in {_ms(retry)}"
+        )
+        trailers = (
+            ("x-ratelimit-limit", f"{bucket.rate:g}"),
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", f"{retry:.3f}"),
+            ("grpc-status-details-bin", _status_details(self.status, details, retry, self.name, key)),
+        )
+        return CallError(self.status, details, trailers)
+
+    def describe(self, now: float | None = None) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rate": format_rate(self.buckets.bucket.rate),
+            "burst": self.buckets.bucket.burst,
+            "key": self.spec.key,
+            "mode": self.spec.mode,
+            "keys": len(self.buckets),
+            "rejected": self.state.rejected,
+            "shadowRejected": self.state.shadow_rejected,
+            "overflowed": self.buckets.overflowed,
+        }
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}ms" if seconds < 10 else f"{seconds:.0f}s"
+
+
+def _status_details(code: grpc.StatusCode, message: str, retry: float, name: str, key: object) -> bytes:
+    """google.rpc.Status with RetryInfo and QuotaFailure, serialized (built on a refusal only)."""
+    from google.protobuf import duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(max(int(retry * 1e9), 1_000_000))  # at least 1 ms: "now" would spin
+    status = status_pb2.Status(code=code.value[0], message=message)
+    status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    failure = error_details_pb2.QuotaFailure()
+    failure.violations.add(
+        subject=f"ratelimit:{name}" + (f":{key}" if key is not None else ""),
+        description=message,
+    )
+    status.details.add().Pack(failure)
+    serialized: bytes = status.SerializeToString()
+    return serialized
+
+
+def _key_function(key: str | None) -> Callable[[Call[Any]], Any]:
+    if key is None:
+        return lambda call: _NO_KEY
+    if key == "caller":
+        return caller_key
+    name = key.partition(":")[2]
+    return lambda call: metadata_value(call.metadata, name)
+
+
+class LimitState:
+    """What a limit keeps across config changes: its buckets and counts (in the metrics as
+    gmesh_ratelimit_rejections_total while it lives)."""
+
+    __slots__ = ("__weakref__", "buckets", "name", "overrides", "rejected", "service", "shadow_rejected")
+
+    def __init__(self, name: str, spec: RateLimitSpec) -> None:
+        from gmesh.stats.metrics import COLLECTOR
+
+        self.name, self.service = name, spec.service
+        self.buckets = Buckets(Bucket(spec.rate, spec.burst_of(spec.rate, spec.burst)), spec.max_keys)
+        self.overrides: dict[object, Buckets] = {
+            o.key: Buckets(Bucket(o.rate, spec.burst_of(o.rate, o.burst)), 1) for o in spec.overrides
+        }
+        self.rejected = 0
+        self.shadow_rejected = 0
+        COLLECTOR.add_source(self)
+
+    def metric_samples(self, out: Any) -> None:
+        labels = (self.service, self.name)
+        out.counter("ratelimit_rejections", (*labels, "enforce"), self.rejected)
+        out.counter("ratelimit_rejections", (*labels, "shadow"), self.shadow_rejected)
+        out.gauge("ratelimit_keys", labels, len(self.buckets))
+        out.counter("ratelimit_overflowed", labels, self.buckets.overflowed)
+
+
+def state_key(name: str, spec: RateLimitSpec) -> str:
+    """Buckets carry over a recompile only while what they mean is the same."""
+    overrides = ",".join(f"{o.key}={o.rate}/{o.burst}" for o in spec.overrides)
+    return f"ratelimit:{name}:{spec.rate}:{spec.burst}:{spec.key}:{spec.max_keys}:{overrides}"
+
+
+def limits_of(
+    resources: Mapping[str, Resource],
+    service: str,
+    kept: Callable[[str, Callable[[], LimitState]], LimitState],
+) -> tuple[Limit, ...]:
+    """The compiled limits of `service` (by resource name), state from `kept`."""
+    out = []
+    for name in sorted(resources):
+        spec: RateLimitSpec = resources[name].spec  # type: ignore[assignment]
+        if spec.service != service:
+            continue
+        state = kept(state_key(name, spec), lambda name=name, spec=spec: LimitState(name, spec))  # type: ignore[misc]
+        out.append(Limit(name, spec, state))
+    return tuple(out)
+
+
+class RateLimiter:
+    """The LIMIT-phase filter (and the inbound proxy's check): every limit of the service."""
+
+    __slots__ = ("limits",)
+
+    def __init__(self, limits: Sequence[Limit]) -> None:
+        self.limits = tuple(limits)
+
+    def check(self, call: Call[Any]) -> None:
+        now = time.monotonic()
+        for limit in self.limits:
+            if limit.applies(call.method, call.metadata):
+                limit.check(call, now)
+
+    async def __call__(self, call: Call[Any], next: Handler, /) -> Any:
+        now = time.monotonic()
+        for limit in self.limits:
+            if limit.applies(call.method, call.metadata):
+                limit.check(call, now)
+        return await next(call)
+
+
+__all__ = ["KIND", "Limit", "LimitState", "RateLimiter", "caller_key", "limits_of"]
