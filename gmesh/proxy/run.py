@@ -387,10 +387,17 @@ def supervise(argv: Sequence[str], workers: int, listen: str) -> int:
     lock = hold_port(listen)
     procs: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
+    # The workers' rate-limit buckets, shared (memory-mapped files; in RAM where /dev/shm is):
+    # together they admit what one process would.
+    from gmesh.ratelimit.bucket import SHARED_DIR_ENV
+
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    shared = tempfile.mkdtemp(prefix="gmesh-limits-", dir=shm)
+    env = {**os.environ, SHARED_DIR_ENV: shared}
 
     def launch(index: int) -> None:
         cmd = [sys.executable, "-P", "-m", "gmesh.cli", *argv, "--worker-index", str(index)]
-        procs[index] = subprocess.Popen(cmd)
+        procs[index] = subprocess.Popen(cmd, env=env)
 
     def forward(signum: int, _frame: Any) -> None:
         nonlocal stopping
@@ -420,4 +427,7 @@ def supervise(argv: Sequence[str], workers: int, listen: str) -> int:
             time.sleep(1.0)
             launch(ended)
     lock.close()
+    import shutil
+
+    shutil.rmtree(shared, ignore_errors=True)
     return 0

@@ -125,3 +125,80 @@ class Buckets:
             del self._tats[key]
         self.evicted += len(full)
         return len(self._tats) < self.max_keys
+
+
+#: where the workers of one `gmesh proxy --workers N` keep the buckets they share (set by the
+#: supervisor for its workers; unset: every process has its own buckets)
+SHARED_DIR_ENV = "GMESH_SHARED_LIMITS"
+
+
+class SharedBuckets:
+    """Buckets shared by the worker processes of one proxy, so that together they admit what one
+    process would: TATs (8-byte floats of the system-wide monotonic clock) in a memory-mapped
+    file, keys hashed to `slots` slots, each read-modify-write under an exclusive `flock`.
+
+    Two keys that hash to one slot share a bucket (they may get less, never more, than their
+    limit); memory is fixed: 8 bytes per slot. A zeroed slot is a full bucket (monotonic time
+    is far past 0). Costs two system calls per check, paid only with `--workers` > 1.
+    """
+
+    __slots__ = ("_fd", "_map", "_view", "bucket", "evicted", "max_keys", "overflowed", "slots")
+
+    def __init__(self, bucket: Bucket, path: str, max_keys: int = 100_000) -> None:
+        import mmap
+        import os
+
+        self.bucket = bucket
+        self.max_keys = max(int(max_keys), 1)
+        self.slots = 1 << max(self.max_keys - 1, 1).bit_length()  # a power of two >= max_keys
+        size = self.slots * 8
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(self._fd).st_size < size:
+            os.ftruncate(self._fd, size)  # zeros: every bucket full
+        self._map = mmap.mmap(self._fd, size)
+        self._view = memoryview(self._map).cast("d")
+        self.overflowed = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return sum(1 for tat in self._view if tat > 0)
+
+    def _slot(self, key: object) -> int:
+        import zlib
+
+        if key is None:
+            return 0
+        return zlib.crc32(str(key).encode()) & (self.slots - 1)
+
+    def take(self, key: object, now: float) -> bool:
+        import fcntl
+
+        slot = self._slot(key)
+        view = self._view
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            new, admitted = self.bucket.take(view[slot], now)
+            if admitted:
+                view[slot] = new
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return admitted
+
+    def tat(self, key: object) -> float:
+        return float(self._view[self._slot(key)])
+
+    def verdict(self, key: object, now: float, admitted: bool) -> Verdict:
+        return self.bucket.verdict(self.tat(key), now, admitted)
+
+
+def buckets_for(bucket: Bucket, max_keys: int, name: str) -> Buckets | SharedBuckets:
+    """This process's buckets for a limit, or, in a worker of `gmesh proxy --workers N`, the ones
+    its workers share (`name` identifies the limit and its parameters)."""
+    import hashlib
+    import os
+
+    shared = os.environ.get(SHARED_DIR_ENV)
+    if not shared:
+        return Buckets(bucket, max_keys)
+    digest = hashlib.sha256(name.encode()).hexdigest()[:32]
+    return SharedBuckets(bucket, os.path.join(shared, digest), max_keys)

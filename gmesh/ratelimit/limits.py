@@ -22,7 +22,7 @@ import grpc
 from gmesh.chain.call import Call
 from gmesh.chain.metadata import metadata_value
 from gmesh.errors import CallError
-from gmesh.ratelimit.bucket import Bucket, Buckets, Verdict
+from gmesh.ratelimit.bucket import Bucket, Buckets, SharedBuckets, Verdict, buckets_for
 from gmesh.ratelimit.spec import KIND, RateLimitSpec, format_rate
 
 if TYPE_CHECKING:
@@ -189,13 +189,17 @@ class LimitState:
 
     __slots__ = ("__weakref__", "buckets", "name", "overrides", "rejected", "service", "shadow_rejected")
 
-    def __init__(self, name: str, spec: RateLimitSpec) -> None:
+    def __init__(self, name: str, spec: RateLimitSpec, shared_name: str = "") -> None:
         from gmesh.stats.metrics import COLLECTOR
 
         self.name, self.service = name, spec.service
-        self.buckets = Buckets(Bucket(spec.rate, spec.burst_of(spec.rate, spec.burst)), spec.max_keys)
-        self.overrides: dict[object, Buckets] = {
-            o.key: Buckets(Bucket(o.rate, spec.burst_of(o.rate, o.burst)), 1) for o in spec.overrides
+        shared_name = shared_name or name
+        self.buckets: Buckets | SharedBuckets = buckets_for(
+            Bucket(spec.rate, spec.burst_of(spec.rate, spec.burst)), spec.max_keys, shared_name
+        )
+        self.overrides: dict[object, Buckets | SharedBuckets] = {
+            o.key: buckets_for(Bucket(o.rate, spec.burst_of(o.rate, o.burst)), 1, f"{shared_name}|{o.key}")
+            for o in spec.overrides
         }
         self.rejected = 0
         self.shadow_rejected = 0
@@ -226,7 +230,8 @@ def limits_of(
         spec: RateLimitSpec = resources[name].spec  # type: ignore[assignment]
         if spec.service != service:
             continue
-        state = kept(state_key(name, spec), lambda name=name, spec=spec: LimitState(name, spec))  # type: ignore[misc]
+        key = state_key(name, spec)
+        state = kept(key, lambda name=name, spec=spec, key=key: LimitState(name, spec, key))  # type: ignore[misc]
         out.append(Limit(name, spec, state))
     return tuple(out)
 

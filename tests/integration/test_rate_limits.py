@@ -174,3 +174,34 @@ async def test_shadow_mode_refuses_nothing_and_counts_what_it_would(
     # 30 calls within `elapsed` seconds: 5 + 1/s x elapsed pass, the rest would have been refused
     would = 30 - (5 + int(elapsed))
     assert counts["enforce"] == 0 and abs(counts["shadow"] - would) <= 1, (counts, elapsed)
+
+
+async def test_the_workers_of_one_proxy_together_admit_the_limit(
+    store: Store, mesh_keys: MeshKeys, upstream: EchoServer, gmesh_env: dict[str, str]
+) -> None:
+    """`gmesh proxy --workers 2`, calls over 8 connections (spread over both workers): rate
+    100/s burst 20 under 300/s for 10 s still admits 1020 (±3%), not twice that."""
+    from test_load import proxy_process
+
+    revision = await put_limit(store, mesh_keys, "shared", {"rate": "100/s", "burst": 20})
+    async with proxy_process(gmesh_env, "--workers", "2") as (_proc, address):
+        deadline = time.monotonic() + 30
+        while True:  # both workers up, and both serving the limit's revision
+            kvs, _ = await store.get_prefix(mesh_keys.proxies_root)
+            records = [json.loads(kv.value) for kv in kvs]
+            mine = [r for r in records if r["address"] == address and r["revision"] >= revision]
+            if len(mine) == 2:
+                break
+            assert time.monotonic() < deadline, f"2 workers at revision {revision}: {records}"
+            await asyncio.sleep(0.1)
+        channels = [grpc.aio.insecure_channel(address, options=[("grpc.channel_id", i)]) for i in range(8)]
+        stubs = [echo_pb2_grpc.EchoStub(c) for c in channels]
+        turn = iter(range(10**9))
+        try:
+            codes, span = await open_loop(lambda: stubs[next(turn) % 8].Unary(REQUEST, timeout=10), 300, 10)
+        finally:
+            for channel in channels:
+                await channel.close()
+    print(f"\n--workers 2: {codes} over {span:.2f}s")
+    assert sum(codes.values()) == 3000 and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
+    assert abs(codes["OK"] - (20 + 100 * span)) <= 0.03 * 1020

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tracemalloc
+from typing import Any
 
 import pytest
 
@@ -103,3 +104,53 @@ def test_a_million_distinct_keys_stay_within_the_bound() -> None:
     legit = Buckets(Bucket(1, 1), max_keys=100_000)
     assert [legit.take("me", now + d) for d in (0.0, 0.5, 1.0)] == [True, False, True]
     assert math.isinf(Buckets(Bucket(1, 1)).tat("never"))
+
+
+def test_workers_sharing_buckets_admit_together_what_one_process_would(tmp_path: Any) -> None:
+    from gmesh.ratelimit.bucket import SharedBuckets
+
+    path = str(tmp_path / "limit")
+    one, two = SharedBuckets(Bucket(100, 20), path), SharedBuckets(Bucket(100, 20), path)
+    n = 3000  # 300/s for 10 s, every other call on each "worker"
+    admitted = sum((one if i % 2 else two).take("k", i / 300) for i in range(n))
+    assert admitted in (1019, 1020)
+    # keys hash to slots; a refused key's verdict is read from the shared slot
+    assert not one.take("k", (n - 1) / 300) and one.verdict("k", (n - 1) / 300, False).retry_after > 0
+    assert one.slots == 131072 and len(one) >= 1
+
+
+def _hammer(path: str, seconds: float, out: Any) -> None:
+    import time as clock
+
+    from gmesh.ratelimit.bucket import Bucket as B
+    from gmesh.ratelimit.bucket import SharedBuckets as S
+
+    buckets = S(B(1000, 50), path)
+    first = clock.monotonic()
+    stop = first + seconds
+    admitted = 0
+    while (now := clock.monotonic()) < stop:
+        admitted += buckets.take(None, now)
+    out.put((admitted, first, now))
+
+
+def test_two_processes_at_full_speed_never_admit_more_than_the_limit(tmp_path: Any) -> None:
+    """Two real processes race on one shared bucket (1000/s, burst 50) for 2 s: together they
+    admit at most 50 + 1000 x 2 s (+ the few ms their start is apart), not twice that."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    path = str(tmp_path / "shared")
+    procs = [context.Process(target=_hammer, args=(path, 2.0, out)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    totals = [admitted for admitted, _, _ in results]
+    # from the first take of either to the last take of either (monotonic is system-wide)
+    window = max(last for _, _, last in results) - min(first for _, first, _ in results)
+    assert all(t > 0 for t in totals)
+    assert sum(totals) <= 50 + 1000 * window + 1, (totals, window)
+    assert sum(totals) >= 50 + 1000 * 2.0 * 0.9, totals  # and the limit is reached, not starved
