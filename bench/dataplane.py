@@ -17,7 +17,8 @@ before each measurement): `off` (no metrics, no traces), `metrics` (gmesh's defa
 `traces1` / `traces100` (metrics, and traces sampled at 1% / 100%, exported over OTLP to a
 sink process by the proxy and by the channel clients, set up as an application would),
 `tapped` (metrics, and a `gmesh tap --bodies` open on the proxy: its default cap of 100
-events/s; the channel rows of this setting are untapped).
+events/s; the channel rows of this setting are untapped), `limited` (metrics, and one
+process-scope RateLimit on the service that every call passes: the cost of the check).
 
 `--tls` measures the cost of mutual TLS in the same run, interleaved with the plaintext
 rows (unary calls unless --mode says otherwise): a mesh CA (`gmesh ca init` + `gmesh ca
@@ -696,7 +697,11 @@ TELEMETRY: dict[str, dict[str, Any]] = {
     "traces100": {"metrics": {"enabled": True}, "tracing": {"samplePercent": 100}},
     # metrics, and a `gmesh tap echo` (rate cap 100/s, bodies) open on the proxy while measuring
     "tapped": {"metrics": {"enabled": True}, "tracing": {"enabled": False}},
+    # metrics, and one process-scope RateLimit on echo that every call passes (checked, never hit)
+    "limited": {"metrics": {"enabled": True}, "tracing": {"enabled": False}},
 }
+#: the RateLimit of the `limited` setting: far above any rate this box reaches
+BENCH_LIMIT = {"service": "echo", "rate": "1000000/s", "burst": 1000000}
 
 
 @contextlib.contextmanager
@@ -762,10 +767,29 @@ def apply_telemetry(setup: dict[str, Any], workdir: Path, setting: str) -> None:
     doc = {"kind": "Telemetry", "metadata": {"name": "bench"}, "spec": TELEMETRY[setting]}
     path = workdir / "telemetry.yaml"
     path.write_text(json.dumps(doc))
+    gmesh = [sys.executable, "-P", "-m", "gmesh.cli"]
     subprocess.run(
-        [sys.executable, "-P", "-m", "gmesh.cli", "apply", "-f", str(path)],
-        env=setup["env"], capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+        [*gmesh, "apply", "-f", str(path)],
+        env=setup["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    if setting == "limited":
+        path.write_text(json.dumps({"kind": "RateLimit", "metadata": {"name": "bench"}, "spec": BENCH_LIMIT}))
+        subprocess.run(
+            [*gmesh, "apply", "-f", str(path)], env=setup["env"], capture_output=True, text=True, timeout=60,
+            check=True,
+        )  # fmt: skip
+    else:  # no limit (absent already: a one-line error, ignored)
+        subprocess.run(
+            [*gmesh, "delete", "ratelimit", "bench"],
+            env=setup["env"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     time.sleep(0.5)
 
 
