@@ -128,7 +128,35 @@ def explain_call(
             parts.append(f"delay {f.delay_share * 100:g}% by {format_duration(f.delay)}")
         result["fault"] = "; ".join(parts)
     result["authorization"] = _authorization(snapshot, service, method, metadata, caller.identity)
+    result["limits"] = _limits(snapshot, service, call)
     return result
+
+
+def _limits(snapshot: MeshSnapshot, service: str, call: Call[None]) -> list[dict[str, Any]]:
+    """The RateLimits that count this call (compiled as the data path compiles them)."""
+    from gmesh.ratelimit.limits import caller_key, limits_of
+    from gmesh.ratelimit.spec import KIND, format_rate
+
+    states: dict[str, Any] = {}
+    limits = limits_of(
+        snapshot.resources.get(KIND, {}), service, lambda k, make: states.setdefault(k, make())
+    )
+    out = []
+    for limit in limits:
+        if not limit.applies(call.method, call.metadata):
+            continue
+        spec = limit.spec
+        key: Any = None
+        if spec.key == "caller":
+            key = caller_key(call)
+        elif spec.key is not None:
+            key = next((v for k, v in call.metadata if k == spec.key.partition(":")[2]), None)
+        override = next((o for o in spec.overrides if o.key == key), None)
+        rate = override.rate if override else spec.rate
+        burst = spec.burst_of(rate, override.burst if override else spec.burst)
+        out.append({"name": limit.name, "rate": format_rate(rate), "burst": burst, "key": spec.key,
+                    "keyValue": key, "override": override is not None, "mode": spec.mode})  # fmt: skip
+    return out
 
 
 def _authorization(
@@ -242,6 +270,20 @@ def render(result: dict[str, Any], n: int) -> str:
         lines.append(f"mirror: {result['mirror']}")
     if "fault" in result:
         lines.append(f"fault: {result['fault']}")
+    for limit in result.get("limits", ()):
+        text = f"rate limit {limit['name']}: {limit['rate']} burst {limit['burst']}"
+        if limit["key"]:
+            shown = limit["keyValue"] if limit["keyValue"] is not None else "(none: shared by such calls)"
+            text += (
+                f" per {limit['key']} (this call's key: {shown}{', overridden' if limit['override'] else ''})"
+            )
+        if limit["mode"] == "shadow":
+            text += " (shadow: counted, never refused)"
+        lines.append(text)
+    if result.get("limits"):
+        lines.append(
+            "  (each proxy and channel process counts for itself; its config dump shows its buckets)"
+        )
     authz = result.get("authorization")
     if authz is not None:
         who = authz["caller"] or "a caller without identity"

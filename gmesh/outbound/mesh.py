@@ -91,6 +91,20 @@ class MeshState:
             found = self._kept[(service, key)] = make()
         return found
 
+    def kept_of(self, service: str, prefix: str) -> list[Any]:
+        """Plugin state kept for `service` under keys starting with `prefix` (config dumps)."""
+        return [
+            value for (svc, key), value in self._kept.items() if svc == service and key.startswith(prefix)
+        ]
+
+    def prune(self, service: str, prefix: str, keep: set[str]) -> None:
+        """Drop `service`'s kept state under `prefix` except the keys in `keep` (a plugin whose
+        config changed lets go of what the old config needed)."""
+        for key in [
+            k for k in self._kept if k[0] == service and k[1].startswith(prefix) and k[1] not in keep
+        ]:
+            del self._kept[key]
+
     def forget(self, service: str) -> None:
         """`service` left the mesh: drop what was kept for it."""
         self.breakers.pop(service, None)

@@ -6,10 +6,12 @@ state (`BuildContext.kept`), so a config change elsewhere never refills them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gmesh.chain.filter import BuildContext, Filter, FilterFactory, Phase
 from gmesh.config.kinds import KindRegistry
 from gmesh.hookspecs import hookimpl
-from gmesh.ratelimit.limits import RateLimiter, limits_of
+from gmesh.ratelimit.limits import LimitState, RateLimiter, limits_of
 from gmesh.ratelimit.spec import KIND, RATE_LIMIT
 
 
@@ -19,9 +21,15 @@ class RateLimitFactory:
 
     def build(self, ctx: BuildContext) -> Filter | None:
         resources = ctx.resources(KIND)
-        if not resources:
-            return None
-        limits = limits_of(resources, ctx.service, ctx.kept)
+        used: set[str] = set()
+
+        def kept(key: str, make: Callable[[], LimitState]) -> LimitState:
+            used.add(key)
+            return ctx.kept(key, make)
+
+        limits = limits_of(resources, ctx.service, kept) if resources else ()
+        # buckets of limits that changed or went away are dropped with them
+        ctx.mesh.prune(ctx.service, "ratelimit:", used)
         return RateLimiter(limits) if limits else None
 
 

@@ -205,6 +205,20 @@ class LimitState:
         self.shadow_rejected = 0
         COLLECTOR.add_source(self)
 
+    def describe(self) -> dict[str, Any]:
+        bucket = self.buckets.bucket
+        return {
+            "name": self.name,
+            "rate": format_rate(bucket.rate),
+            "burst": bucket.burst,
+            "keys": len(self.buckets),
+            "shared": isinstance(self.buckets, SharedBuckets),
+            "rejected": self.rejected,
+            "shadowRejected": self.shadow_rejected,
+            "overflowed": self.buckets.overflowed,
+            "evicted": self.buckets.evicted,
+        }
+
     def metric_samples(self, out: Any) -> None:
         labels = (self.service, self.name)
         out.counter("ratelimit_rejections", (*labels, "enforce"), self.rejected)
