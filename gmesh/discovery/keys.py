@@ -91,6 +91,14 @@ class MeshKeys:
         """A certificate the CA signed (identity, issuer, expiry), leased until it expires."""
         return f"{self.issued_root}{serial}"
 
+    # limits/ : demand of each process for each global rate limit (leased)
+    @property
+    def limits_root(self) -> str:
+        return f"{self.prefix}limits/"
+
+    def limit_demand(self, limit: str, process: str) -> str:
+        return f"{self.limits_root}{limit}/{_segment(process)}"
+
     @property
     def stats_root(self) -> str:
         return f"{self.prefix}stats/"

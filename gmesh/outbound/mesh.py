@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from gmesh.config.kinds import Resource
     from gmesh.config.service import ServiceSpec
     from gmesh.discovery.catalog import MeshSnapshot
+    from gmesh.ratelimit.shares import GlobalLimits
     from gmesh.routing.table import RouteTable
 
 T = TypeVar("T")
@@ -57,6 +58,8 @@ class MeshState:
         self.edits = edits
         #: open `gmesh tap`s of this mesh, by service
         self.taps = TapHub()
+        #: this process's shares of the mesh's global rate limits (set by the outbound stack)
+        self.shares: GlobalLimits | None = None
         self._kept: dict[tuple[str, str], Any] = {}
 
     def breaker(self, service: str) -> BreakerState:

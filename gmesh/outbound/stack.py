@@ -104,6 +104,9 @@ class Outbound:
             lambda: self.snapshot, on_activate=self._activate, edits=plugins.telemetry_edits()
         )
         self.backends = self.mesh.backends
+        from gmesh.ratelimit.shares import GlobalLimits
+
+        self.mesh.shares = GlobalLimits(store, keys)
         #: compiled services (those called, or asked about), by name; read per call
         self.services: dict[str, CompiledService] = {}
         self.idle_timeout = idle_timeout if idle_timeout is not None else idle_timeout_from_env()
@@ -143,6 +146,8 @@ class Outbound:
         await self.health.close()
         self.backends.close()
         await self.publisher.close()
+        if self.mesh.shares is not None:
+            await self.mesh.shares.close()
         pools = [pool for pool, _ in self._pools.values()]
         self._pools.clear()
         await asyncio.gather(*(p.close(grace) for p in pools), return_exceptions=True)

@@ -27,7 +27,7 @@ class RateLimitFactory:
             used.add(key)
             return ctx.kept(key, make)
 
-        limits = limits_of(resources, ctx.service, kept) if resources else ()
+        limits = limits_of(resources, ctx.service, kept, ctx.mesh.shares) if resources else ()
         # buckets of limits that changed or went away are dropped with them
         ctx.mesh.prune(ctx.service, "ratelimit:", used)
         return RateLimiter(limits) if limits else None

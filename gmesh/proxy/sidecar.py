@@ -118,7 +118,7 @@ class Sidecar:
                 used[key] = found if found is not None else make()
                 return used[key]
 
-            limits = limits_of(resources or {}, self.service, kept)
+            limits = limits_of(resources or {}, self.service, kept, self.outbound.mesh.shares)
             self._limit_states = used  # limits that changed or left take their buckets with them
             self._limiter = RateLimiter(limits) if limits else None
         return self._limiter

@@ -53,6 +53,13 @@ class Bucket:
         # a nanosecond of slack: float rounding must not refuse a call that arrives exactly on time
         self.tolerance = burst * self.interval + 1e-9
 
+    def reset(self, rate: float, burst: int) -> None:
+        """New parameters (a global limit's share changed); TATs already given stay valid."""
+        self.rate = rate
+        self.burst = max(int(burst), 1)
+        self.interval = 1.0 / rate
+        self.tolerance = self.burst * self.interval + 1e-9
+
     def take(self, tat: float, now: float) -> tuple[float, bool]:
         """(the new TAT, admitted) for one call at `now` on a bucket at `tat`."""
         new = (tat if tat > now else now) + self.interval
@@ -89,6 +96,19 @@ class Buckets:
 
     def __len__(self) -> int:
         return len(self._tats)
+
+    def rescale(self, rate: float, burst: int, now: float) -> None:
+        """New rate and burst (a global limit's share changed): tokens already owed stay owed, at
+        the new rate — a call admitted under a tiny share must not block the key for the time
+        that share would have needed to refill."""
+        old = self.bucket.interval
+        self.bucket.reset(rate, burst)
+        scale = self.bucket.interval / old
+        for key, tat in self._tats.items():
+            if tat > now:
+                self._tats[key] = now + (tat - now) * scale
+        if self.overflow > now:
+            self.overflow = now + (self.overflow - now) * scale
 
     def take(self, key: object, now: float) -> bool:
         """Admit one call of `key` at `now` (monotonic seconds)?"""

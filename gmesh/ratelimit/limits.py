@@ -28,6 +28,7 @@ from gmesh.ratelimit.spec import KIND, RateLimitSpec, format_rate
 if TYPE_CHECKING:
     from gmesh.chain.filter import Handler
     from gmesh.config.kinds import Resource
+    from gmesh.ratelimit.shares import GlobalLimits
     from gmesh.routing import match as m
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class Limit:
 
     def check(self, call: Call[Any], now: float) -> None:
         """Admit `call` or raise the refusal (shadow: count, log, admit)."""
+        self.state.offered += 1
         key = self._key_of(call)
         buckets = self.overrides.get(key, self.buckets) if self.overrides else self.buckets
         if buckets.take(key, now):
@@ -187,23 +189,59 @@ class LimitState:
     """What a limit keeps across config changes: its buckets and counts (in the metrics as
     gmesh_ratelimit_rejections_total while it lives)."""
 
-    __slots__ = ("__weakref__", "buckets", "name", "overrides", "rejected", "service", "shadow_rejected")
+    __slots__ = (
+        "__weakref__",
+        "buckets",
+        "name",
+        "offered",
+        "overrides",
+        "rejected",
+        "service",
+        "shadow_rejected",
+        "share",
+        "shares",
+        "spec",
+    )
 
-    def __init__(self, name: str, spec: RateLimitSpec, shared_name: str = "") -> None:
+    def __init__(
+        self, name: str, spec: RateLimitSpec, shared_name: str = "", shares: GlobalLimits | None = None
+    ) -> None:
         from gmesh.stats.metrics import COLLECTOR
 
-        self.name, self.service = name, spec.service
+        self.name, self.service, self.spec = name, spec.service, spec
         shared_name = shared_name or name
-        self.buckets: Buckets | SharedBuckets = buckets_for(
-            Bucket(spec.rate, spec.burst_of(spec.rate, spec.burst)), spec.max_keys, shared_name
-        )
+        burst = spec.burst_of(spec.rate, spec.burst)
+        self.buckets: Buckets | SharedBuckets
+        if spec.scope == "global" and shares is not None:
+            # its own share of the mesh-wide rate (each worker of a proxy takes part on its own)
+            self.buckets = Buckets(Bucket(spec.rate, burst), 1)
+        else:
+            self.buckets = buckets_for(Bucket(spec.rate, burst), spec.max_keys, shared_name)
         self.overrides: dict[object, Buckets | SharedBuckets] = {
             o.key: buckets_for(Bucket(o.rate, spec.burst_of(o.rate, o.burst)), 1, f"{shared_name}|{o.key}")
             for o in spec.overrides
         }
         self.rejected = 0
         self.shadow_rejected = 0
+        #: calls this limit counted here (admitted or not): a global limit's demand
+        self.offered = 0
+        #: a global limit's share of the rate here (None: a process-scope limit)
+        self.share: float | None = None
+        self.shares = shares if spec.scope == "global" else None
         COLLECTOR.add_source(self)
+        if self.shares is not None:
+            self.shares.register(self)
+
+    def set_share(self, share: float) -> None:
+        """A global limit's share changed: this process may admit `share` calls/s."""
+        self.share = share
+        rate = self.spec.rate
+        burst = max(1, round(self.spec.burst_of(rate, self.spec.burst) * min(share / rate, 1.0)))
+        buckets = self.buckets
+        if isinstance(buckets, Buckets):
+            buckets.rescale(share, burst, time.monotonic())
+        else:  # not reached: global limits keep their buckets in the process
+            buckets.bucket.reset(share, burst)
 
     def describe(self) -> dict[str, Any]:
         bucket = self.buckets.bucket
@@ -217,6 +255,11 @@ class LimitState:
             "shadowRejected": self.shadow_rejected,
             "overflowed": self.buckets.overflowed,
             "evicted": self.buckets.evicted,
+            **(
+                {"scope": "global", **self.shares.describe(self.name)}
+                if self.shares is not None
+                else {"scope": "process"}
+            ),
         }
 
     def metric_samples(self, out: Any) -> None:
@@ -225,27 +268,35 @@ class LimitState:
         out.counter("ratelimit_rejections", (*labels, "shadow"), self.shadow_rejected)
         out.gauge("ratelimit_keys", labels, len(self.buckets))
         out.counter("ratelimit_overflowed", labels, self.buckets.overflowed)
+        if self.shares is not None and self.share is not None:
+            out.gauge("ratelimit_share", labels, self.share)
+            out.gauge("ratelimit_store_unavailable", labels, 0 if self.shares.store_ok else 1)
 
 
 def state_key(name: str, spec: RateLimitSpec) -> str:
     """Buckets carry over a recompile only while what they mean is the same."""
     overrides = ",".join(f"{o.key}={o.rate}/{o.burst}" for o in spec.overrides)
-    return f"ratelimit:{name}:{spec.rate}:{spec.burst}:{spec.key}:{spec.max_keys}:{overrides}"
+    return (
+        f"ratelimit:{name}:{spec.rate}:{spec.burst}:{spec.key}:{spec.max_keys}:{spec.scope}:"
+        f"{spec.on_store_unavailable}:{overrides}"
+    )
 
 
 def limits_of(
     resources: Mapping[str, Resource],
     service: str,
     kept: Callable[[str, Callable[[], LimitState]], LimitState],
+    shares: GlobalLimits | None = None,
 ) -> tuple[Limit, ...]:
-    """The compiled limits of `service` (by resource name), state from `kept`."""
+    """The compiled limits of `service` (by resource name), state from `kept`; global limits take
+    part in `shares` (None: they count as process-scope ones, as `gmesh explain` shows them)."""
     out = []
     for name in sorted(resources):
         spec: RateLimitSpec = resources[name].spec  # type: ignore[assignment]
         if spec.service != service:
             continue
         key = state_key(name, spec)
-        state = kept(key, lambda name=name, spec=spec, key=key: LimitState(name, spec, key))  # type: ignore[misc]
+        state = kept(key, lambda name=name, spec=spec, key=key: LimitState(name, spec, key, shares))  # type: ignore[misc]
         out.append(Limit(name, spec, state))
     return tuple(out)
 

@@ -104,8 +104,15 @@ class RateLimitSpec(SpecModel):
     mode: Literal["enforce", "shadow"] = Field(
         default="enforce", description="shadow: count and log would-be refusals, never refuse."
     )
-    scope: Literal["process"] = Field(
-        default="process", description="process: each gmesh process enforces the rate itself."
+    scope: Literal["process", "global"] = Field(
+        default="process",
+        description="process: each gmesh process enforces the rate itself; global: the rate holds "
+        "across every process of the mesh (each takes a fair share, through etcd).",
+    )
+    on_store_unavailable: Literal["share", "allow", "deny"] = Field(
+        default="share",
+        description="global limits while etcd cannot be reached: keep the last share, stop "
+        "limiting, or refuse every call.",
     )
     status: Literal["RESOURCE_EXHAUSTED", "UNAVAILABLE"] = Field(
         default="RESOURCE_EXHAUSTED", description="The status of a refused call."
@@ -138,6 +145,15 @@ class RateLimitSpec(SpecModel):
         return key
 
     @model_validator(mode="after")
+    def _global_in_total(self) -> RateLimitSpec:
+        if self.scope == "global" and self.key is not None:
+            raise ValueError(
+                "a global limit counts calls in total (no key): per-key limits are per process "
+                "(scope: process); give a key a global limit of its own with a metadata match"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _overrides(self) -> RateLimitSpec:
         if self.overrides and self.key is None:
             raise ValueError("overrides need a key (they name keys' values)")
@@ -162,6 +178,8 @@ def _summary(spec: RateLimitSpec) -> str:
     parts = [f"{spec.service} {format_rate(spec.rate)}", f"burst {spec.burst_of(spec.rate, spec.burst)}"]
     if spec.key:
         parts.append(f"per {spec.key}")
+    if spec.scope == "global":
+        parts.append("global")
     if spec.mode == "shadow":
         parts.append("shadow")
     return " ".join(parts)

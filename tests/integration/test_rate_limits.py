@@ -205,3 +205,150 @@ async def test_the_workers_of_one_proxy_together_admit_the_limit(
     print(f"\n--workers 2: {codes} over {span:.2f}s")
     assert sum(codes.values()) == 3000 and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
     assert abs(codes["OK"] - (20 + 100 * span)) <= 0.03 * 1020
+
+
+async def test_a_global_limit_holds_across_processes_and_a_dead_one_gives_its_share_back(
+    store: Store,
+    mesh_keys: MeshKeys,
+    upstream: EchoServer,
+    gmesh_env: dict[str, str],
+    etcd_server: EtcdMember,
+) -> None:
+    """200/s across 3 proxies and 2 channel processes, one of them offered 80% of the load
+    (400/s of 500/s): from 3 s on, 200/s admitted over 20 s (-10%/+5%). Then the busiest is
+    killed (-9): within its lease TTL the others' shares grow to take all of the rate."""
+    import contextlib
+    import signal
+    import sys
+    from pathlib import Path
+
+    from test_load import proxy_process
+
+    from gmesh.ratelimit.shares import TTL
+    from gmesh.store.embedded import free_port
+    from gmesh.v1 import admin_pb2, admin_pb2_grpc
+
+    revision = await put_limit(
+        store, mesh_keys, "mesh-wide", {"rate": "200/s", "burst": 20, "scope": "global"}
+    )
+    admins = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    async with contextlib.AsyncExitStack() as stack:
+        proxies = [await stack.enter_async_context(proxy_process(gmesh_env, "--admin", a)) for a in admins]
+        deadline = time.monotonic() + 30
+        while True:  # every proxy serving the limit's revision
+            kvs, _ = await store.get_prefix(mesh_keys.proxies_root)
+            ready = [json.loads(kv.value) for kv in kvs]
+            if sum(1 for r in ready if r["revision"] >= revision) >= 3:
+                break
+            assert time.monotonic() < deadline, ready
+            await asyncio.sleep(0.1)
+        script = str(Path(__file__).parent / "limit_load.py")
+        plan = [(proxies[0][1], 400), (proxies[1][1], 25), (proxies[2][1], 25), ("gmesh:///echo", 25),
+                ("gmesh:///echo", 25)]  # fmt: skip
+        loads = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                script,
+                target,
+                str(rate),
+                "32",
+                etcd_server.url,
+                mesh_keys.prefix,
+                env=gmesh_env,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            for target, rate in plan
+        ]
+        for load in loads:
+            assert load.stdout is not None
+            assert b"ready" in await asyncio.wait_for(load.stdout.readline(), 30)
+        began = time.time()
+        outputs = [asyncio.ensure_future(load.stdout.read()) for load in loads]  # type: ignore[union-attr]
+
+        async def shares_seen(admin: str) -> float:
+            async with grpc.aio.insecure_channel(admin) as channel:
+                dump = await admin_pb2_grpc.AdminStub(channel).ConfigDump(
+                    admin_pb2.ConfigDumpRequest(service="echo"), timeout=5
+                )
+            limits = json.loads(dump.json)["services"]["echo"]["rateLimits"]
+            return float(limits[0]["share"]) if limits else 0.0
+
+        # the busiest proxy dies at 25 s; its lease (TTL 4 s) expires, the others share its part
+        await asyncio.sleep(max(began + 25 - time.time(), 0))  # the test's timeline, not a sync
+        proxies[0][0].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        others = admins[1:]
+        while True:
+            # 4 processes left, each with a small demand: 200/s split evenly, 50/s each
+            seen = [await shares_seen(a) for a in others]
+            if all(abs(s - 50) < 5 for s in seen):
+                taken_over = time.monotonic() - killed
+                break
+            assert time.monotonic() - killed < TTL + 3, f"shares after the kill: {seen}"
+            await asyncio.sleep(0.1)
+        results = await asyncio.gather(*outputs)
+        for load in loads:
+            await load.wait()
+    per_second: collections.Counter[int] = collections.Counter()
+    for (target, rate), out in zip(plan, results, strict=True):
+        rows = [json.loads(line) for line in out.decode().splitlines()]
+        totals = {k: sum(r.get(k, 0) for r in rows) for k in ("OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE")}
+        print(f"{target} offered {rate}/s: {totals}")
+    for out in results:
+        for line in out.decode().splitlines():
+            row = json.loads(line)
+            if "second" in row:
+                per_second[row["second"]] += row.get("OK", 0)
+    window = range(int(began) + 3, int(began) + 23)
+    admitted = sum(per_second[s] for s in window)
+    print(
+        f"\nglobal 200/s: {admitted} admitted in 20 s from 3 s; "
+        f"shares taken over {taken_over:.2f}s after kill -9"
+    )
+    assert 0.9 * 4000 <= admitted <= 1.05 * 4000
+    assert taken_over <= TTL + 1.5
+
+
+async def test_a_global_limit_follows_on_store_unavailable_while_etcd_is_down(tmp_path: Any) -> None:
+    """A private etcd stops: a global limit with onStoreUnavailable deny refuses every call (the
+    mesh serves on from its snapshot otherwise), and shares again once etcd is back."""
+    from gmesh.store.etcd import EtcdConfig
+    from gmesh.testing.echo import start_echo_server
+    from gmesh.testing.etcd import single_member
+
+    member = single_member(tmp_path / "etcd")
+    member.start()
+    keys = MeshKeys("/limits-down/")
+    echo = await start_echo_server("solo")
+    store = await Store.connect(EtcdConfig.parse(member.url))
+    try:
+        async with gmesh.register(
+            echo.address, service="echo", store=store, prefix=keys.prefix, handle_sigterm=False, drain_delay=0
+        ):
+            await put_limit(
+                store, keys, "careful", {"rate": "50/s", "scope": "global", "onStoreUnavailable": "deny"}
+            )
+            async with gmesh.aio.channel("gmesh:///echo", etcd=member.url, prefix=keys.prefix) as channel:
+                stub = echo_pb2_grpc.EchoStub(channel)
+                assert (await stub.Unary(REQUEST, timeout=5)).server == "solo"
+                outbound = await channel.ready_outbound()
+                shares = outbound.mesh.shares
+                assert shares is not None and "careful" in shares.states
+                member.stop()
+                deadline = time.monotonic() + 15
+                while shares.store_ok:
+                    assert time.monotonic() < deadline, "etcd's absence never noticed"
+                    await asyncio.sleep(0.05)
+                refused = await refusal(lambda: stub.Unary(REQUEST, timeout=5))
+                assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "rate limit careful" in (refused.details() or "")
+                member.start()
+                deadline = time.monotonic() + 30
+                while not shares.store_ok:
+                    assert time.monotonic() < deadline, "etcd's return never noticed"
+                    await asyncio.sleep(0.05)
+                assert (await stub.Unary(REQUEST, timeout=5)).server == "solo"
+    finally:
+        await store.close()
+        await echo.stop(None)
+        member.stop()
