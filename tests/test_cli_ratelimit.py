@@ -92,3 +92,34 @@ def test_explain_lists_the_limits_that_apply(
     assert "writes" not in out
     write = gmesh("explain", "orders", "/gmesh.v1.Echo/WriteAll", env=gmesh_env).stdout
     assert "rate limit writes: 10/min burst 1 (shadow: counted, never refused)" in write
+
+
+def test_get_quota_shows_use_per_key(gmesh_env: dict[str, str], mesh_keys: MeshKeys, tmp_path: Path) -> None:
+    from gmesh.ratelimit.quota import QuotaSpec, QuotaState
+
+    doc = tmp_path / "quota.yaml"
+    doc.write_text(
+        "kind: Quota\nmetadata: {name: daily}\nspec:\n  service: orders\n  limit: 100\n  window: 24h\n"
+        "  key: metadata:x-api-key\n  chunk: 5\n"
+    )
+    assert gmesh("apply", "-f", str(doc), env=gmesh_env).returncode == 0
+
+    async def spend() -> None:
+        spec = QuotaSpec.model_validate(
+            {"service": "orders", "limit": 100, "window": "24h", "key": "metadata:x-api-key", "chunk": 5}
+        )
+        async with await Store.connect(EtcdConfig.parse(gmesh_env["GMESH_ETCD"])) as store:
+            holder = QuotaState("daily", spec, store, mesh_keys)
+            for key, calls in (("k-1", 7), ("k/2", 1)):
+                for _ in range(calls):
+                    assert await holder.admit(key)
+            await holder.close()  # gives back what it holds: counters = calls made
+
+    asyncio.run(spend())
+    out = gmesh("get", "quota", "daily", env=gmesh_env).stdout
+    rows = [line.split() for line in out.splitlines()]
+    assert ["k-1", "7", "100", "93"] in rows and ["k/2", "1", "100", "99"] in rows, out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(doc.read_text().replace("window: 24h", "window: daily"))
+    result = gmesh("apply", "-f", str(bad), env=gmesh_env)
+    assert result.returncode == 1 and f"{bad}:6: Quota/daily: spec.window" in result.stderr

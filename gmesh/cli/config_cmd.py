@@ -85,7 +85,8 @@ def get(target: MeshTarget, kind: str, name: str | None, output: str) -> None:
     """Show config resources of KIND (e.g. service), registered endpoints, or running proxies.
 
     `gmesh get endpoints [SERVICE]` lists the endpoints of every service (or of one);
-    `gmesh get proxies` lists running proxies and the config revision each serves.
+    `gmesh get proxies` lists running proxies and the config revision each serves;
+    `gmesh get quota NAME` also shows the quota's use per key in the current window.
     """
     if kind.lower() in PROXIES:
         run(_get_proxies(target, output))
@@ -118,6 +119,9 @@ def get(target: MeshTarget, kind: str, name: str | None, output: str) -> None:
                 [r.name, found.summary(r.spec) if found.summary else "", str(r.revision)] for r in resources
             ]
             click.echo(table(["NAME", "SPEC", "REVISION"], rows))
+            if found.name == "Quota" and name is not None:
+                click.echo("")
+                click.echo(await _quota_usage(target, resources[0]))
         for key, reason in stored.invalid.items():
             click.echo(f"warning: {key} is stored but invalid, and ignored: {reason}", err=True)
 
@@ -221,3 +225,32 @@ def schema(kind: str | None, output: Path | None) -> None:
     else:
         output.write_text(text + "\n")
         click.echo(f"wrote {output}", err=True)
+
+
+async def _quota_usage(target: MeshTarget, resource: Any) -> str:
+    """Tokens taken per key in the current window of a Quota (from its counters in etcd)."""
+    import time as clock
+    from urllib.parse import unquote
+
+    from gmesh.config.types import format_duration
+    from gmesh.ratelimit.quota import window_of
+
+    spec = resource.spec
+    window, ends = window_of(spec, clock.time())
+    prefix = target.keys.quota_window(resource.name, str(window))
+    async with target.store() as store:
+        kvs, _ = await store.get_prefix(prefix)
+    rows = []
+    for kv in sorted(kvs, key=lambda kv: -int(kv.value or b"0")):
+        key = unquote(kv.key[len(prefix) :])
+        used = int(kv.value or b"0")
+        rows.append(
+            [key if key != "_" else "(all calls)", str(used), str(spec.limit), str(max(spec.limit - used, 0))]
+        )
+    left = format_duration(round(ends - clock.time()))
+    head = f"window ends in {left} (tokens processes took and hold count as used)"
+    return (
+        head
+        + "\n"
+        + (table(["KEY", "USED", "LIMIT", "LEFT"], rows) if rows else "no calls counted in this window")
+    )

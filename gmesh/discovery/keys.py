@@ -99,6 +99,13 @@ class MeshKeys:
     def limit_demand(self, limit: str, process: str) -> str:
         return f"{self.limits_root}{limit}/{_segment(process)}"
 
+    # quotas/ : per Quota, window and key, the tokens taken (leased until the window is over)
+    def quota_window(self, quota: str, window: str) -> str:
+        return f"{self.prefix}quotas/{quota}/{window}/"
+
+    def quota_counter(self, quota: str, window: str, key: str) -> str:
+        return f"{self.quota_window(quota, window)}{_segment(key)}"
+
     @property
     def stats_root(self) -> str:
         return f"{self.prefix}stats/"

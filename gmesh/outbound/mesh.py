@@ -100,6 +100,10 @@ class MeshState:
             value for (svc, key), value in self._kept.items() if svc == service and key.startswith(prefix)
         ]
 
+    def kept_under(self, prefix: str) -> list[Any]:
+        """Plugin state of every service kept under keys starting with `prefix` (closing)."""
+        return [value for (_, key), value in self._kept.items() if key.startswith(prefix)]
+
     def prune(self, service: str, prefix: str, keep: set[str]) -> None:
         """Drop `service`'s kept state under `prefix` except the keys in `keep` (a plugin whose
         config changed lets go of what the old config needed)."""

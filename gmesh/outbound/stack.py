@@ -146,6 +146,9 @@ class Outbound:
         await self.health.close()
         self.backends.close()
         await self.publisher.close()
+        for quota in self.mesh.kept_under("quota:"):  # tokens held go back to etcd
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(quota.close(), 2.0)
         if self.mesh.shares is not None:
             await self.mesh.shares.close()
         pools = [pool for pool, _ in self._pools.values()]

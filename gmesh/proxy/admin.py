@@ -74,6 +74,7 @@ def config_dump(outbound: Outbound, proxy: dict[str, Any], only: str = "") -> di
             ],
             "breaker": None if breaker is None else breaker.describe(),
             "rateLimits": [state.describe() for state in mesh.kept_of(name, "ratelimit:")],
+            "quotas": [state.describe() for state in mesh.kept_of(name, "quota:")],
             "grpcServices": sorted({g for e in snapshot.endpoints_of(name) for g in e.grpc_services}),
             "chain": list(compiled.chain.filters) if compiled else [],
             "chainError": compiled.chain.error if compiled else None,

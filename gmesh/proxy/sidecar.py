@@ -37,6 +37,8 @@ from gmesh.outbound.pool import EndpointPool, Profile
 from gmesh.proxy.relay import ProxyStream, ProxyUnary, forward_stream, forward_unary, forwardable
 from gmesh.proxy.server import bind, server_options
 from gmesh.ratelimit.limits import RateLimiter, limits_of
+from gmesh.ratelimit.quota import KIND as QUOTA_KIND
+from gmesh.ratelimit.quota import QuotaChecker, quotas_of
 from gmesh.ratelimit.spec import KIND as RATE_LIMIT_KIND
 from gmesh.security.enforce import Gate, mode_of
 
@@ -72,6 +74,9 @@ class Sidecar:
         self._limits_source: Any = None
         self._limiter: RateLimiter | None = None
         self._limit_states: dict[str, Any] = {}
+        self._quotas_source: Any = None
+        self._quotas: QuotaChecker | None = None
+        self._quota_states: dict[str, Any] = {}
         self.app_endpoint = Endpoint(service=service, address=app)
         self.pool = EndpointPool(
             Profile(max_message_bytes=max_message_bytes), addresses_of=lambda _service: (app,)
@@ -122,6 +127,23 @@ class Sidecar:
             self._limit_states = used  # limits that changed or left take their buckets with them
             self._limiter = RateLimiter(limits) if limits else None
         return self._limiter
+
+    def quotas(self) -> QuotaChecker | None:
+        """The Quotas of the service now (None without any): compiled once per change."""
+        resources = self.outbound.snapshot.resources.get(QUOTA_KIND)
+        if resources is not self._quotas_source:
+            self._quotas_source = resources
+            states, used = self._quota_states, {}
+
+            def kept(key: str, make: Any) -> Any:
+                found = states.get(key)
+                used[key] = found if found is not None else make()
+                return used[key]
+
+            checks = quotas_of(resources or {}, self.service, kept, self.outbound.store, self.outbound.keys)
+            self._quota_states = used
+            self._quotas = QuotaChecker(checks) if checks else None
+        return self._quotas
 
     def wanted(self) -> tuple[str, str]:
         """(address, tls) the endpoint record should carry under the current TLS mode."""
@@ -231,6 +253,10 @@ def _make(sidecar: Sidecar, method: str, kind: MethodKind | None) -> grpc.RpcMet
         async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
             try:
                 call = prepare(context, forward_unary, ProxyUnary(context, request, pool, known))
+                quotas = sidecar.quotas()
+                if quotas is not None:
+                    for check in quotas.checks:
+                        await check.check(call)
                 return await forward_unary(call)
             except CallError as exc:
                 await context.abort(exc.status, exc.details, exc.trailing_metadata)
@@ -241,6 +267,10 @@ def _make(sidecar: Sidecar, method: str, kind: MethodKind | None) -> grpc.RpcMet
     async def stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         try:
             call = prepare(context, forward_stream, ProxyStream(context, requests, pool, known, None))
+            quotas = sidecar.quotas()
+            if quotas is not None:
+                for check in quotas.checks:
+                    await check.check(call)
             await forward_stream(call)
         except CallError as exc:
             await context.abort(exc.status, exc.details, exc.trailing_metadata)

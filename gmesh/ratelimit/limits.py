@@ -50,6 +50,37 @@ def caller_key(call: Call[Any]) -> str:
     return peer.rpartition(":")[0] if peer.count(":") >= 2 else peer
 
 
+class CallMatch:
+    """Which calls a limit or quota counts: method paths (exact, or prefixes ending in `*`) and
+    request metadata matches; compiled once."""
+
+    __slots__ = ("always", "metadata", "method_prefixes", "methods")
+
+    def __init__(self, methods: Sequence[str] | None, metadata: Mapping[str, Any] | None) -> None:
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        for method in methods or ():
+            (prefixes.append(method[:-1]) if method.endswith("*") else exact.add(method))
+        self.methods: frozenset[str] | None = frozenset(exact) if methods is not None else None
+        self.method_prefixes = tuple(prefixes)
+        self.metadata: tuple[tuple[str, m.StringPredicate], ...] = tuple(
+            (k, v.compile()) for k, v in (metadata or {}).items()
+        )
+        self.always = self.methods is None and not self.metadata
+
+    def applies(self, method: str, metadata: Any) -> bool:
+        if self.always:
+            return True
+        methods = self.methods
+        if (
+            methods is not None
+            and method not in methods
+            and not (self.method_prefixes and method.startswith(self.method_prefixes))
+        ):
+            return False
+        return all(predicate(metadata_value(metadata, key)) for key, predicate in self.metadata)
+
+
 class Limit:
     """One RateLimit resource, compiled. Its buckets (state) outlive recompiles (see `state_key`)."""
 
@@ -76,16 +107,13 @@ class Limit:
         self.service = spec.service
         self.enforce = spec.mode == "enforce"
         self.status = grpc.StatusCode[spec.status]
-        exact: set[str] = set()
-        prefixes: list[str] = []
-        for method in spec.methods or ():
-            (prefixes.append(method[:-1]) if method.endswith("*") else exact.add(method))
-        self.methods: frozenset[str] | None = frozenset(exact) if spec.methods is not None else None
-        self.method_prefixes = tuple(prefixes)
-        self.metadata: tuple[tuple[str, m.StringPredicate], ...] = tuple(
-            (k, v.compile()) for k, v in (spec.metadata or {}).items()
+        match = CallMatch(spec.methods, spec.metadata)
+        self.methods, self.method_prefixes, self.metadata = (
+            match.methods,
+            match.method_prefixes,
+            match.metadata,
         )
-        self._key_of = _key_function(spec.key)
+        self._key_of = key_function(spec.key)
         self.buckets = state.buckets
         self.overrides = state.overrides
         self.state = state  # buckets and counts: they survive recompiles
@@ -135,7 +163,7 @@ class Limit:
             ("x-ratelimit-limit", f"{bucket.rate:g}"),
             ("x-ratelimit-remaining", "0"),
             ("x-ratelimit-reset", f"{retry:.3f}"),
-            ("grpc-status-details-bin", _status_details(self.status, details, retry, self.name, key)),
+            ("grpc-status-details-bin", status_details(self.status, details, retry, self.name, key)),
         )
         return CallError(self.status, details, trailers)
 
@@ -157,7 +185,7 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f}ms" if seconds < 10 else f"{seconds:.0f}s"
 
 
-def _status_details(code: grpc.StatusCode, message: str, retry: float, name: str, key: object) -> bytes:
+def status_details(code: grpc.StatusCode, message: str, retry: float, name: str, key: object) -> bytes:
     """google.rpc.Status with RetryInfo and QuotaFailure, serialized (built on a refusal only)."""
     from google.protobuf import duration_pb2
     from google.rpc import error_details_pb2, status_pb2
@@ -176,7 +204,7 @@ def _status_details(code: grpc.StatusCode, message: str, retry: float, name: str
     return serialized
 
 
-def _key_function(key: str | None) -> Callable[[Call[Any]], Any]:
+def key_function(key: str | None) -> Callable[[Call[Any]], Any]:
     if key is None:
         return lambda call: _NO_KEY
     if key == "caller":
