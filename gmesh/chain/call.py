@@ -103,6 +103,7 @@ class Call(Generic[D]):
         "meter",
         "method",
         "mirror",
+        "on_message",
         "received",
         "received_bytes",
         "replayable",
@@ -161,6 +162,9 @@ class Call(Generic[D]):
         self.received_bytes = 0
         #: the call's trace span when it is traced (parent of its attempts' spans), else None
         self.span: Any = None
+        #: called by the front door for each request message the caller sends on a stream (set
+        #: by a filter that limits them); raising `CallError` ends the stream with that status
+        self.on_message: Callable[[], None] | None = None
         self._stash: dict[str, Any] | None = None
 
     @property

@@ -124,6 +124,9 @@ async def forward_streaming(call: Call[StreamingCall]) -> None:
     if sc._max_age is not None and sc._max_age.expired:
         call.committed = True  # ended on purpose: never retried
         raise sc._max_age.error()
+    if sc._stopped is not None:
+        call.committed = True  # a message limit ended it: never retried
+        raise sc._stopped
     if sc._committed:
         call.committed = True
     if code == _OK:
@@ -134,11 +137,20 @@ async def forward_streaming(call: Call[StreamingCall]) -> None:
     raise UpstreamError(code, details, tuple(trailing), initial_metadata=tuple(await initial or ()))
 
 
-def _sent(call: Call[Any]) -> None:
+def _sent(call: Call[Any]) -> bool:
+    """Count a request message; False when a filter's message limit ended the stream."""
     call.sent += 1
     meter = call.meter
     if meter is not None:
         meter.sent += 1
+    hook = call.on_message
+    if hook is not None:
+        try:
+            hook()
+        except CallError as exc:
+            call.downstream._stop(exc)
+            return False
+    return True
 
 
 def _received(call: Call[Any] | None) -> None:
@@ -152,7 +164,8 @@ def _received(call: Call[Any] | None) -> None:
 async def _counted(requests: Any, call: Call[Any]) -> AsyncIterator[Any]:
     """The application's request iterator, each message counted once as it is taken."""
     async for message in as_async(requests):
-        _sent(call)
+        if not _sent(call):
+            return  # a message limit ended the stream (its attempt is cancelled)
         yield message
 
 
@@ -194,6 +207,8 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         self._committed = False
         self._max_age: MaxAge | None = None
         self._ok: tuple[grpc.StatusCode, str, Any] | None = None
+        #: a filter ended the stream on purpose (a message limit): the status the caller gets
+        self._stopped: CallError | None = None
         #: set when the chain ended with an error: what the application gets
         self._error: CallError | None = None
         self._cancelled = False
@@ -254,6 +269,12 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         if self._attempt is not None:
             self._attempt.cancel()
 
+    def _stop(self, error: CallError) -> None:
+        """End the stream with `error` (as the max age ends it: the attempt is cancelled)."""
+        if self._stopped is None:
+            self._stopped = error
+        self._expire()
+
     def _publish(self, upstream: Any, watch: StatusWatch) -> None:
         """This attempt is the one the application talks to now."""
         self._attempt = upstream
@@ -294,8 +315,9 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         return call is not None and call.attempts > 0 and call.replayable and not self._committed
 
     def _aged(self) -> bool:
-        """A cancel of the attempt came from the max-age timer (not from our caller)."""
-        if self._max_age is None or not self._max_age.expired:
+        """A cancel of the attempt came from the max-age timer or a message limit (not from our
+        caller)."""
+        if self._stopped is None and (self._max_age is None or not self._max_age.expired):
             return False
         task = asyncio.current_task()
         return not (task is not None and task.cancelling())
@@ -407,8 +429,9 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
     async def write(self, request: Any) -> None:
         await self._replay_done()  # first what was written before, on a new attempt
         upstream = self._attempt or await self._first()
-        if self._call is not None:
-            _sent(self._call)
+        if self._call is not None and not _sent(self._call):
+            await self._final()  # a message limit ended the stream: its status
+            raise self._final_error() from None
         tape = self._tape
         if isinstance(tape, WrittenTape) and not self._committed:
             tape.record(request)  # a retry sends it again

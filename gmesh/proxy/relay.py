@@ -259,6 +259,8 @@ async def forward_stream(call: Call[ProxyStream]) -> None:
         raise aged.error()
     if stream.pump_error is not None:
         call.committed = True
+        if isinstance(stream.pump_error, CallError):  # a filter ended the stream (a message limit)
+            raise stream.pump_error
         code, details = grpc_status(stream.pump_error)
         raise CallError(code, f"gmesh: reading the caller's requests failed: {details}")
     if code != grpc.StatusCode.OK:
@@ -289,6 +291,9 @@ async def _pump(
                 meter = call.meter
                 if meter is not None:
                     meter.sent += 1
+                hook = call.on_message
+                if hook is not None:
+                    hook()  # may raise CallError: the stream ends with it
             status.writing += 1
             try:
                 await upstream.write(message)

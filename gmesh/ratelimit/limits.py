@@ -21,6 +21,7 @@ import grpc
 
 from gmesh.chain.call import Call
 from gmesh.chain.metadata import metadata_value
+from gmesh.discovery.endpoint import MethodKind
 from gmesh.errors import CallError
 from gmesh.ratelimit.bucket import Bucket, Buckets, SharedBuckets, Verdict, buckets_for
 from gmesh.ratelimit.spec import KIND, RateLimitSpec, format_rate
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from gmesh.routing import match as m
 
 log = logging.getLogger(__name__)
+
+#: kinds whose caller sends exactly one request message (no stream of requests to limit)
+_ONE_REQUEST = frozenset({MethodKind.UNARY, MethodKind.SERVER_STREAMING})
 
 #: shadow-mode refusals are logged at most this often per limit (seconds)
 SHADOW_LOG_EVERY = 10.0
@@ -137,6 +141,8 @@ class Limit:
         self.state.offered += 1
         key = self._key_of(call)
         buckets = self.overrides.get(key, self.buckets) if self.overrides else self.buckets
+        if self.state.messages is not None and call.kind not in _ONE_REQUEST:
+            self._watch_messages(call, key)
         if buckets.take(key, now):
             return
         state = self.state
@@ -152,12 +158,36 @@ class Limit:
         state.rejected += 1
         raise self.refusal(key, buckets.verdict(key, now, False), buckets.bucket)
 
-    def refusal(self, key: object, verdict: Verdict, bucket: Bucket) -> CallError:
+    def _watch_messages(self, call: Call[Any], key: object) -> None:
+        """Count the stream's request messages as the front door relays them (`Call.on_message`)."""
+        messages = self.state.messages
+        assert messages is not None
+        table = Buckets(messages.bucket, 1) if messages.per_stream else messages
+        slot = None if messages.per_stream else key
+        before = call.on_message
+        state = self.state
+
+        def on_message() -> None:
+            if before is not None:
+                before()
+            now = time.monotonic()
+            if table.take(slot, now):
+                return
+            if not self.enforce:
+                state.shadow_rejected += 1
+                return
+            state.rejected += 1
+            verdict = table.verdict(slot, now, False)
+            raise self.refusal(key, verdict, table.bucket, what="stream messages")
+
+        call.on_message = on_message
+
+    def refusal(self, key: object, verdict: Verdict, bucket: Bucket, what: str = "") -> CallError:
         retry = verdict.retry_after
         whose = f" for {self.spec.key} {key}" if key is not None else ""
         details = (
-            f"gmesh: rate limit {self.name}: {format_rate(bucket.rate)} (burst {bucket.burst}){whose} "
-            f"on {self.service}; retry in {_ms(retry)}"
+            f"gmesh: rate limit {self.name}: {what + ' ' if what else ''}{format_rate(bucket.rate)} "
+            f"(burst {bucket.burst}){whose} on {self.service}; retry in {_ms(retry)}"
         )
         trailers = (
             ("x-ratelimit-limit", f"{bucket.rate:g}"),
@@ -213,6 +243,17 @@ def key_function(key: str | None) -> Callable[[Call[Any]], Any]:
     return lambda call: metadata_value(call.metadata, name)
 
 
+class MessageBuckets(Buckets):
+    """The message buckets of a limit: per key (shared by a key's streams), or only the
+    parameters (`per_stream`: every stream gets a bucket of its own)."""
+
+    __slots__ = ("per_stream",)
+
+    def __init__(self, bucket: Bucket, per_stream: bool, max_keys: int) -> None:
+        super().__init__(bucket, max_keys)
+        self.per_stream = per_stream
+
+
 class LimitState:
     """What a limit keeps across config changes: its buckets and counts (in the metrics as
     gmesh_ratelimit_rejections_total while it lives)."""
@@ -220,6 +261,7 @@ class LimitState:
     __slots__ = (
         "__weakref__",
         "buckets",
+        "messages",
         "name",
         "offered",
         "overrides",
@@ -253,6 +295,12 @@ class LimitState:
         self.shadow_rejected = 0
         #: calls this limit counted here (admitted or not): a global limit's demand
         self.offered = 0
+        m = spec.messages
+        self.messages = (
+            MessageBuckets(Bucket(m.rate, spec.burst_of(m.rate, m.burst)), m.per == "stream", spec.max_keys)
+            if m is not None
+            else None
+        )
         #: a global limit's share of the rate here (None: a process-scope limit)
         self.share: float | None = None
         self.shares = shares if spec.scope == "global" else None
@@ -304,9 +352,10 @@ class LimitState:
 def state_key(name: str, spec: RateLimitSpec) -> str:
     """Buckets carry over a recompile only while what they mean is the same."""
     overrides = ",".join(f"{o.key}={o.rate}/{o.burst}" for o in spec.overrides)
+    messages = spec.messages.model_dump_json() if spec.messages is not None else ""
     return (
         f"ratelimit:{name}:{spec.rate}:{spec.burst}:{spec.key}:{spec.max_keys}:{spec.scope}:"
-        f"{spec.on_store_unavailable}:{overrides}"
+        f"{spec.on_store_unavailable}:{overrides}:{messages}"
     )
 
 

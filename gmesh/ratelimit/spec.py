@@ -78,6 +78,20 @@ class OverrideSpec(SpecModel):
     burst: int | None = Field(default=None, ge=1, description="Tokens this key may spend at once.")
 
 
+class MessagesSpec(SpecModel):
+    """A limit on the request messages callers send on streams (client-streaming and bidi calls)."""
+
+    rate: Rate = Field(description="Messages per window: N/s, N/min, N/h, N/d.")
+    burst: int | None = Field(
+        default=None, ge=1, description="Messages at once (default: one second of rate)."
+    )
+    per: Literal["stream", "key"] = Field(
+        default="stream",
+        description="stream: each stream has its own bucket; key: the streams of one key (the limit's "
+        "key) share one.",
+    )
+
+
 class RateLimitSpec(SpecModel):
     """A limit on a service's calls, in total or per key, enforced by each gmesh process."""
 
@@ -101,6 +115,11 @@ class RateLimitSpec(SpecModel):
         "verified identity, else its labels, else its address), or `metadata:<key>`.",
     )
     overrides: list[OverrideSpec] = Field(default_factory=list, description="Other limits for named keys.")
+    messages: MessagesSpec | None = Field(
+        default=None,
+        description="Also limit the request messages of streaming calls (per stream, or per key); a "
+        "stream over it ends with the limit's status.",
+    )
     mode: Literal["enforce", "shadow"] = Field(
         default="enforce", description="shadow: count and log would-be refusals, never refuse."
     )

@@ -352,3 +352,41 @@ async def test_a_global_limit_follows_on_store_unavailable_while_etcd_is_down(tm
         await store.close()
         await echo.stop(None)
         member.stop()
+
+
+@pytest.mark.parametrize("door", ["proxy", "channel"])
+async def test_a_stream_over_its_message_limit_ends_with_the_limits_status(
+    door: str, store: Store, mesh_keys: MeshKeys, etcd_server: EtcdMember, proxy: RunningProxy,
+    upstream: EchoServer,
+) -> None:  # fmt: skip
+    """messages 10/s, burst 5 per stream: a bidi stream sending as fast as it can gets 5 echoes,
+    then RESOURCE_EXHAUSTED naming the limit; a new stream has a bucket of its own."""
+    revision = await put_limit(
+        store, mesh_keys, "chatty", {"rate": "1000/s", "messages": {"rate": "10/s", "burst": 5}}
+    )
+    if door == "proxy":
+        await in_use(proxy.outbound, revision)
+        channel: Any = grpc.aio.insecure_channel(proxy.address)
+    else:
+        channel = gmesh.aio.channel("gmesh:///echo", etcd=etcd_server.url, prefix=mesh_keys.prefix)
+        await in_use(await channel.ready_outbound(), revision)
+    async with channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        for _ in range(2):  # two streams, each with its own bucket
+            call = stub.Bidi(timeout=10)
+            echoed = 0
+
+            async def chat(call: Any = call) -> None:
+                nonlocal echoed
+                for i in range(30):
+                    await call.write(echo_pb2.EchoRequest(message=str(i)))
+                    await call.read()
+                    echoed += 1
+
+            ended = await refusal(chat)
+            assert ended.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "rate limit chatty: stream messages 10/s (burst 5)" in (ended.details() or "")
+            assert echoed == 5, echoed
+        # unary calls of the same limit count calls, not messages
+        for _ in range(20):
+            await stub.Unary(REQUEST, timeout=5)
