@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
@@ -68,6 +69,11 @@ class QuotaSpec(SpecModel):
     limit: int = Field(ge=1, description="Calls per window (and key).")
     window: PositiveDuration = Field(
         description="The window: a duration (1m, 1h, 24h); windows are aligned to multiples of it, UTC."
+    )
+    align: Literal["calendar", "rolling"] = Field(
+        default="calendar",
+        description="calendar: the count starts again with each window; rolling: the last `window` "
+        "counts (the previous window's calls weighted by how much of them is still inside it).",
     )
     key: str | None = Field(
         default=None, description="What a quota is per: none, `caller`, or `metadata:<key>` (as RateLimit)."
@@ -161,6 +167,7 @@ class QuotaState:
         self.store_ok = True
         self._store_retry = 0.0
         self._leases: dict[int, int] = {}
+        self._previous: dict[tuple[int, Any], int] = {}
         self._sweeper: asyncio.Task[None] | None = None
         COLLECTOR.add_source(self)
 
@@ -240,7 +247,7 @@ class QuotaState:
         for _ in range(20):  # other holders race for the same counter: read again and retry
             found = await self.store.get(counter)
             used = int(found.value) if found is not None else 0
-            free = self.spec.limit - used
+            free = self.spec.limit - used - await self.carried(key, window)
             if free <= 0:
                 return 0
             take = min(want, free)
@@ -253,6 +260,24 @@ class QuotaState:
                 self.taken += take
                 return take
         return 0
+
+    async def carried(self, key: Any, window: int) -> int:
+        """A rolling quota: the previous window's calls still inside the last `window` (that
+        window's count times the share of it that is still inside, the usual sliding-window
+        estimate). 0 for a calendar-aligned quota."""
+        if self.spec.align != "rolling":
+            return 0
+        cache = self._previous
+        used = cache.get((window - 1, key))
+        if used is None:
+            assert self.store is not None
+            found = await self.store.get(self._counter(window - 1, key))
+            used = int(found.value) if found is not None else 0
+            if len(cache) > 4 * self.spec.max_keys:
+                cache.clear()
+            cache[(window - 1, key)] = used  # that window is over: its count no longer changes
+        inside = 1.0 - (time.time() / self.spec.window - window)
+        return math.ceil(used * max(min(inside, 1.0), 0.0))
 
     async def give_back(self, key: Any, window: int, tokens: int) -> None:
         """Return `tokens` not spent to the counter (so other processes may spend them)."""
@@ -279,6 +304,8 @@ class QuotaState:
         if lease is None:
             assert self.store is not None
             _, ends = window_of(self.spec, window * self.spec.window)
+            if self.spec.align == "rolling":
+                ends += self.spec.window  # the next window still reads this one
             ttl = max(int(ends - time.time()) + 60, 60)
             lease = self._leases[window] = await self.store.grant_lease(ttl)
             for old in [w for w in self._leases if w < window]:
@@ -394,12 +421,14 @@ class QuotaCheck:
         spec = self.state.spec
         _, ends = window_of(spec, time.time())
         retry = max(ends - time.time(), 0.001)
+        if spec.align == "rolling":  # old calls slide out of the window one by one
+            retry = min(retry, spec.window / spec.limit)
         if not self.state.store_ok and spec.on_store_unavailable != "allow":
             retry = STORE_BACKOFF
         whose = f" for {spec.key} {key}" if key is not None else ""
         details = (
             f"gmesh: quota {self.state.name}: {spec.limit} per {format_duration(spec.window)}{whose} on "
-            f"{spec.service} used up; the window ends in {format_duration(round(retry, 3))}"
+            f"{spec.service} used up; retry in {format_duration(round(retry, 3))}"
         )
         trailers = (
             ("x-ratelimit-limit", str(spec.limit)),
@@ -449,7 +478,9 @@ def _check(resource: Resource, view: ConfigView) -> Iterator[tuple[tuple[str | i
 
 def _summary(spec: QuotaSpec) -> str:
     per = f" per {spec.key}" if spec.key else ""
-    return f"{spec.service} {spec.limit}/{format_duration(spec.window)}{per} (chunks of {spec.chunk_size})"
+    rolling = " rolling" if spec.align == "rolling" else ""
+    window = format_duration(spec.window)
+    return f"{spec.service} {spec.limit}/{window}{rolling}{per} (chunks of {spec.chunk_size})"
 
 
 QUOTA = Kind(

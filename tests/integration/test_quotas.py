@@ -164,3 +164,23 @@ async def test_three_proxies_share_a_quota_and_a_killed_holder_loses_one_chunk(
     # few calls it had admitted but not answered) with it
     assert 1000 - 10 - 5 <= codes["OK"] <= 1000
     assert codes["RESOURCE_EXHAUSTED"] > 1000
+
+
+async def test_a_rolling_quota_counts_the_last_window(store: Store, mesh_keys: MeshKeys) -> None:
+    """limit 10 per 4 s, rolling: 10 calls used up in one window still count at the start of the
+    next, and half of them once half of it has passed (the sliding-window estimate)."""
+    quota = spec(limit=10, window="4s", chunk=1, align="rolling")
+    holder = QuotaState("roll", quota, store, mesh_keys)
+    await away_from_the_window_end(quota, 3.5)  # start early in a window
+    assert sum([await holder.admit(None) for _ in range(12)]) == 10
+    _, ends = window_of(quota, time.time())
+    await asyncio.sleep(ends - time.time() + 0.05)  # the next window, 50 ms in (the calendar's schedule)
+    assert not await holder.admit(None)  # the previous window's 10 are still almost all inside
+    await asyncio.sleep(max(ends + 2.0 - time.time(), 0))  # halfway: 5 of them have slid out
+    admitted = 0
+    while await holder.admit(None):
+        admitted += 1
+    assert admitted in (4, 5)  # 10 - ceil(10 x ~0.5)
+    calendar = QuotaState("cal", spec(limit=10, window="4s", chunk=1), store, mesh_keys)
+    assert calendar.spec.align == "calendar"
+    await holder.close()
