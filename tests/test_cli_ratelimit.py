@@ -123,3 +123,41 @@ def test_get_quota_shows_use_per_key(gmesh_env: dict[str, str], mesh_keys: MeshK
     bad.write_text(doc.read_text().replace("window: 24h", "window: daily"))
     result = gmesh("apply", "-f", str(bad), env=gmesh_env)
     assert result.returncode == 1 and f"{bad}:6: Quota/daily: spec.window" in result.stderr
+
+
+def test_explain_shows_live_state_of_global_limits_and_quotas(
+    gmesh_env: dict[str, str], mesh_keys: MeshKeys, tmp_path: Path
+) -> None:
+    from gmesh.ratelimit.quota import QuotaSpec, QuotaState
+
+    doc = tmp_path / "live.yaml"
+    doc.write_text(
+        "kind: RateLimit\nmetadata: {name: mesh}\nspec: {service: orders, rate: 100/s, scope: global}\n---\n"
+        "kind: Quota\nmetadata: {name: hourly}\nspec: {service: orders, limit: 50, window: 1h, "
+        "key: 'metadata:x-api-key', chunk: 1}\n"
+    )
+    assert gmesh("apply", "-f", str(doc), env=gmesh_env).returncode == 0
+
+    async def setup() -> None:
+        async with await Store.connect(EtcdConfig.parse(gmesh_env["GMESH_ETCD"])) as store:
+            ep = Endpoint("orders", "127.0.0.1:5001", grpc_services=("gmesh.v1.Echo",))
+            await store.put(mesh_keys.endpoint("orders", ep.address), ep.to_json())
+            for process, demand in (("p1", 80.0), ("p2", 10.0)):
+                await store.put(
+                    mesh_keys.limit_demand("mesh", process), json.dumps({"demand": demand}).encode()
+                )
+            spec = QuotaSpec.model_validate(
+                {"service": "orders", "limit": 50, "window": "1h", "key": "metadata:x-api-key", "chunk": 1}
+            )
+            holder = QuotaState("hourly", spec, store, mesh_keys)
+            for _ in range(3):
+                assert await holder.admit("k9")
+
+    asyncio.run(setup())
+    out = gmesh("explain", "orders", "/gmesh.v1.Echo/Unary", "-H", "x-api-key=k9", env=gmesh_env).stdout
+    assert (
+        "global: p1 wants 80/s, may admit 88.5/s" in out and "global: p2 wants 10/s, may admit 11.5/s" in out
+    )
+    assert (
+        "quota hourly: 50 per 1h per metadata:x-api-key (this call's key: k9); 3 used in this window" in out
+    )

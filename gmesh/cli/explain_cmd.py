@@ -129,6 +129,7 @@ def explain_call(
         result["fault"] = "; ".join(parts)
     result["authorization"] = _authorization(snapshot, service, method, metadata, caller.identity)
     result["limits"] = _limits(snapshot, service, call)
+    result["quotas"] = _quotas(snapshot, service, call)
     return result
 
 
@@ -155,8 +156,61 @@ def _limits(snapshot: MeshSnapshot, service: str, call: Call[None]) -> list[dict
         rate = override.rate if override else spec.rate
         burst = spec.burst_of(rate, override.burst if override else spec.burst)
         out.append({"name": limit.name, "rate": format_rate(rate), "burst": burst, "key": spec.key,
-                    "keyValue": key, "override": override is not None, "mode": spec.mode})  # fmt: skip
+                    "keyValue": key, "override": override is not None, "mode": spec.mode,
+                    "scope": spec.scope})  # fmt: skip
     return out
+
+
+def _quotas(snapshot: MeshSnapshot, service: str, call: Call[None]) -> list[dict[str, Any]]:
+    """The Quotas that count this call, with the key it would be counted under."""
+    from gmesh.config.types import format_duration
+    from gmesh.ratelimit.limits import CallMatch, key_function
+    from gmesh.ratelimit.quota import KIND as QUOTA_KIND
+
+    out = []
+    for name, resource in sorted(snapshot.resources.get(QUOTA_KIND, {}).items()):
+        spec: Any = resource.spec
+        if spec.service != service or not CallMatch(spec.methods, spec.metadata).applies(
+            call.method, call.metadata
+        ):
+            continue
+        out.append({"name": name, "limit": spec.limit, "window": format_duration(spec.window),
+                    "align": spec.align, "key": spec.key, "keyValue": key_function(spec.key)(call),
+                    "mode": spec.mode})  # fmt: skip
+    return out
+
+
+async def _live_state(target: MeshTarget, snapshot: MeshSnapshot, result: dict[str, Any]) -> None:
+    """What etcd says now: a global limit's processes and shares, a quota's use in this window."""
+    import json as _json
+    import time as clock
+
+    from gmesh.config.types import format_duration
+    from gmesh.ratelimit.quota import KIND as QUOTA_KIND
+    from gmesh.ratelimit.quota import window_of
+    from gmesh.ratelimit.shares import HEADROOM, max_min_shares
+    from gmesh.ratelimit.spec import KIND as LIMIT_KIND
+
+    async with target.store() as store:
+        for limit in result.get("limits", ()):
+            if limit["scope"] != "global":
+                continue
+            kvs, _ = await store.get_prefix(f"{target.keys.limits_root}{limit['name']}/")
+            demands = {kv.key.rsplit("/", 1)[1]: float(_json.loads(kv.value)["demand"]) for kv in kvs}
+            rate = snapshot.resources[LIMIT_KIND][limit["name"]].spec.rate  # type: ignore[attr-defined]
+            shares = max_min_shares(rate, {p: d * HEADROOM for p, d in demands.items()})
+            limit["global"] = {
+                p: {"demand": demands[p], "share": round(s, 2)} for p, s in sorted(shares.items())
+            }
+        for quota in result.get("quotas", ()):
+            spec: Any = snapshot.resources[QUOTA_KIND][quota["name"]].spec
+            window, ends = window_of(spec, clock.time())
+            key = quota["keyValue"]
+            kv = await store.get(
+                target.keys.quota_counter(quota["name"], str(window), "_" if key is None else str(key))
+            )
+            quota["used"] = int(kv.value) if kv is not None else 0
+            quota["windowEndsIn"] = format_duration(round(ends - clock.time()))
 
 
 def _authorization(
@@ -280,10 +334,21 @@ def render(result: dict[str, Any], n: int) -> str:
         if limit["mode"] == "shadow":
             text += " (shadow: counted, never refused)"
         lines.append(text)
-    if result.get("limits"):
+        for process, state in (limit.get("global") or {}).items():
+            lines.append(f"  global: {process} wants {state['demand']:g}/s, may admit {state['share']:g}/s")
+    if any(limit["scope"] != "global" for limit in result.get("limits", ())):
         lines.append(
             "  (each proxy and channel process counts for itself; its config dump shows its buckets)"
         )
+    for quota in result.get("quotas", ()):
+        text = f"quota {quota['name']}: {quota['limit']} per {quota['window']}"
+        if quota["align"] == "rolling":
+            text += " (rolling)"
+        if quota["key"]:
+            text += f" per {quota['key']} (this call's key: {quota['keyValue']})"
+        if "used" in quota:
+            text += f"; {quota['used']} used in this window (ends in {quota['windowEndsIn']})"
+        lines.append(text)
     authz = result.get("authorization")
     if authz is not None:
         who = authz["caller"] or "a caller without identity"
@@ -353,6 +418,8 @@ def explain(
         caller_identity = spiffe_id(trust_domain, caller_identity)
     caller = Caller(identity=caller_identity, labels=labels)
     result = explain_call(snapshot, plugins, service, method, metadata, caller, n)
+    if any(limit["scope"] == "global" for limit in result["limits"]) or result["quotas"]:
+        run(_live_state(target, snapshot, result))
     if output == "json":
         import json
 

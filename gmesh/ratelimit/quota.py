@@ -384,6 +384,7 @@ class QuotaState:
         out.counter("quota_rejections", (*labels, "enforce"), self.rejected)
         out.counter("quota_rejections", (*labels, "shadow"), self.shadow_rejected)
         out.gauge("quota_tokens_held", labels, sum(h.tokens for h in self.held.values()))
+        out.gauge("quota_store_unavailable", labels, 0 if self.store_ok else 1)
 
 
 class QuotaCheck:
