@@ -69,6 +69,9 @@ async def forward_streaming(call: Call[StreamingCall]) -> None:
     """One attempt: the upstream call on the picked endpoint, handed to the application; returns
     when it ends OK, raises its real status otherwise."""
     sc = call.downstream
+    if sc._stopped is not None:  # a message limit ended the stream (say, during a retry's backoff)
+        call.committed = True
+        raise sc._stopped
     multi = sc._multi
     mesh = multi._mesh
     assert call.endpoint is not None and mesh.pool is not None
@@ -279,6 +282,8 @@ class StreamingCall(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         """This attempt is the one the application talks to now."""
         self._attempt = upstream
         self._watch = watch
+        if self._stopped is not None:  # stopped while this attempt was being made
+            upstream.cancel()
         self._moved.set()
 
     def _commit(self) -> None:

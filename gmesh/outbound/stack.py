@@ -130,6 +130,9 @@ class Outbound:
         self._unsubscribe = self.catalog.subscribe(self._on_snapshot)
         await self.catalog.start(wait=wait)
         self.publisher.start()
+        if self.mesh.shares is not None:
+            # global rate limits read every process's demand before the first call needs them
+            self.mesh.shares.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle(), name="gmesh-idle")
 
     async def close(self, grace: float | None = 0) -> None:

@@ -408,6 +408,19 @@ def supervise(argv: Sequence[str], workers: int, listen: str) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    try:
+        return _run_workers(procs, launch, workers, lambda: stopping)
+    finally:
+        lock.close()
+        import shutil
+
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _run_workers(
+    procs: dict[int, subprocess.Popen[bytes]], launch: Callable[[int], None], workers: int,
+    stopping: Callable[[], bool],
+) -> int:  # fmt: skip
     for index in range(workers):
         launch(index)
     failed = 0
@@ -421,13 +434,9 @@ def supervise(argv: Sequence[str], workers: int, listen: str) -> int:
             continue
         code = os.waitstatus_to_exitcode(status)
         procs.pop(ended).returncode = code
-        if not stopping:
+        if not stopping():
             failed += 1
             print(f"gmesh proxy: worker {ended} exited ({code}); starting it again", file=sys.stderr)
             time.sleep(1.0)
             launch(ended)
-    lock.close()
-    import shutil
-
-    shutil.rmtree(shared, ignore_errors=True)
     return 0

@@ -16,8 +16,12 @@ Memory is bounded by `max_keys` entries (a key string and a float each).
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
+import zlib
 from dataclasses import dataclass
+from typing import Any
 
 #: a full table is swept for full buckets at most this often (seconds): a flood of new keys
 #: against a table of active ones costs one sweep per interval, not one per call
@@ -162,11 +166,22 @@ class SharedBuckets:
     is far past 0). Costs two system calls per check, paid only with `--workers` > 1.
     """
 
-    __slots__ = ("_fd", "_map", "_view", "bucket", "evicted", "max_keys", "overflowed", "slots")
+    __slots__ = (
+        "__weakref__",
+        "_fd",
+        "_map",
+        "_view",
+        "bucket",
+        "evicted",
+        "max_keys",
+        "overflowed",
+        "slots",
+        "used",
+    )
 
     def __init__(self, bucket: Bucket, path: str, max_keys: int = 100_000) -> None:
         import mmap
-        import os
+        import weakref
 
         self.bucket = bucket
         self.max_keys = max(int(max_keys), 1)
@@ -179,26 +194,29 @@ class SharedBuckets:
         self._view = memoryview(self._map).cast("d")
         self.overflowed = 0
         self.evicted = 0
+        self.used = 0  # slots this process found in use (a count, not a scan)
+        # a limit that changed or went away takes its mapping and descriptor with it
+        weakref.finalize(self, _unmap, self._view, self._map, self._fd)
 
     def __len__(self) -> int:
-        return sum(1 for tat in self._view if tat > 0)
+        return self.used
 
     def _slot(self, key: object) -> int:
-        import zlib
-
         if key is None:
             return 0
-        return zlib.crc32(str(key).encode()) & (self.slots - 1)
+        raw = key if isinstance(key, bytes) else str(key).encode()
+        return zlib.crc32(raw) & (self.slots - 1)
 
     def take(self, key: object, now: float) -> bool:
-        import fcntl
-
         slot = self._slot(key)
         view = self._view
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            new, admitted = self.bucket.take(view[slot], now)
+            tat = view[slot]
+            new, admitted = self.bucket.take(tat, now)
             if admitted:
+                if tat == 0.0:
+                    self.used += 1
                 view[slot] = new
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -211,11 +229,16 @@ class SharedBuckets:
         return self.bucket.verdict(self.tat(key), now, admitted)
 
 
+def _unmap(view: Any, mapping: Any, fd: int) -> None:
+    view.release()
+    mapping.close()
+    os.close(fd)
+
+
 def buckets_for(bucket: Bucket, max_keys: int, name: str) -> Buckets | SharedBuckets:
     """This process's buckets for a limit, or, in a worker of `gmesh proxy --workers N`, the ones
     its workers share (`name` identifies the limit and its parameters)."""
     import hashlib
-    import os
 
     shared = os.environ.get(SHARED_DIR_ENV)
     if not shared:

@@ -22,7 +22,7 @@ import grpc
 from gmesh.chain.call import Call
 from gmesh.chain.metadata import metadata_value
 from gmesh.discovery.endpoint import MethodKind
-from gmesh.errors import CallError
+from gmesh.errors import CallError, Origin
 from gmesh.ratelimit.bucket import Bucket, Buckets, SharedBuckets, Verdict, buckets_for
 from gmesh.ratelimit.spec import KIND, RateLimitSpec, format_rate
 
@@ -52,6 +52,18 @@ def caller_key(call: Call[Any]) -> str:
     peer = caller.peer
     # ipv4:127.0.0.1:5000 -> the host: one caller, whatever connection it used
     return peer.rpartition(":")[0] if peer.count(":") >= 2 else peer
+
+
+#: keys longer than this are kept as a digest (a made-up key cannot make a bucket big)
+LONG_KEY = 64
+
+
+def _table_key(key: object) -> object:
+    if isinstance(key, str) and len(key) > LONG_KEY:
+        import hashlib
+
+        return hashlib.blake2b(key.encode(), digest_size=16).digest()
+    return key
 
 
 class CallMatch:
@@ -143,7 +155,7 @@ class Limit:
         buckets = self.overrides.get(key, self.buckets) if self.overrides else self.buckets
         if self.state.messages is not None and call.kind not in _ONE_REQUEST:
             self._watch_messages(call, key)
-        if buckets.take(key, now):
+        if not self.state.blocked and buckets.take(_table_key(key), now):
             return
         state = self.state
         if not self.enforce:
@@ -156,14 +168,14 @@ class Limit:
                 )  # fmt: skip
             return
         state.rejected += 1
-        raise self.refusal(key, buckets.verdict(key, now, False), buckets.bucket)
+        raise self.refusal(key, buckets.verdict(_table_key(key), now, False), buckets.bucket)
 
     def _watch_messages(self, call: Call[Any], key: object) -> None:
         """Count the stream's request messages as the front door relays them (`Call.on_message`)."""
         messages = self.state.messages
         assert messages is not None
         table = Buckets(messages.bucket, 1) if messages.per_stream else messages
-        slot = None if messages.per_stream else key
+        slot = None if messages.per_stream else _table_key(key)
         before = call.on_message
         state = self.state
 
@@ -178,19 +190,27 @@ class Limit:
                 return
             state.rejected += 1
             verdict = table.verdict(slot, now, False)
-            raise self.refusal(key, verdict, table.bucket, what="stream messages")
+            error = self.refusal(key, verdict, table.bucket, what="stream messages")
+            error.origin = Origin.DELIBERATE  # gmesh ended it on purpose: no endpoint's fault
+            raise error
 
         call.on_message = on_message
 
     def refusal(self, key: object, verdict: Verdict, bucket: Bucket, what: str = "") -> CallError:
         retry = verdict.retry_after
         whose = f" for {self.spec.key} {key}" if key is not None else ""
-        details = (
-            f"gmesh: rate limit {self.name}: {what + ' ' if what else ''}{format_rate(bucket.rate)} "
-            f"(burst {bucket.burst}){whose} on {self.service}; retry in {_ms(retry)}"
-        )
+        if self.state.shares is not None and not what:
+            # a global limit: its share here is recomputed every second; say the mesh-wide rate
+            from gmesh.ratelimit.shares import INTERVAL
+
+            retry = min(retry, INTERVAL) if not self.state.blocked else INTERVAL
+            share = self.state.share or 0.0
+            shown = f"{format_rate(self.spec.rate)} across the mesh (this process: {share:.3g}/s)"
+        else:
+            shown = f"{what + ' ' if what else ''}{format_rate(bucket.rate)} (burst {bucket.burst})"
+        details = f"gmesh: rate limit {self.name}: {shown}{whose} on {self.service}; retry in {_ms(retry)}"
         trailers = (
-            ("x-ratelimit-limit", f"{bucket.rate:g}"),
+            ("x-ratelimit-limit", f"{self.spec.rate if self.state.shares is not None else bucket.rate:g}"),
             ("x-ratelimit-remaining", "0"),
             ("x-ratelimit-reset", f"{retry:.3f}"),
             ("grpc-status-details-bin", status_details(self.status, details, retry, self.name, key)),
@@ -260,6 +280,7 @@ class LimitState:
 
     __slots__ = (
         "__weakref__",
+        "blocked",
         "buckets",
         "messages",
         "name",
@@ -303,16 +324,21 @@ class LimitState:
         )
         #: a global limit's share of the rate here (None: a process-scope limit)
         self.share: float | None = None
+        #: a global limit refusing every call (etcd away, onStoreUnavailable deny)
+        self.blocked = False
         self.shares = shares if spec.scope == "global" else None
         COLLECTOR.add_source(self)
         if self.shares is not None:
             self.shares.register(self)
 
-    def set_share(self, share: float) -> None:
-        """A global limit's share changed: this process may admit `share` calls/s."""
-        self.share = share
+    def set_share(self, share: float, *, burst: int | None = None, blocked: bool = False) -> None:
+        """A global limit's share changed: this process may admit `share` calls/s (`blocked`:
+        none at all, onStoreUnavailable deny)."""
+        self.share = 0.0 if blocked else share
+        self.blocked = blocked
         rate = self.spec.rate
-        burst = max(1, round(self.spec.burst_of(rate, self.spec.burst) * min(share / rate, 1.0)))
+        if burst is None:
+            burst = max(1, round(self.spec.burst_of(rate, self.spec.burst) * min(share / rate, 1.0)))
         buckets = self.buckets
         if isinstance(buckets, Buckets):
             buckets.rescale(share, burst, time.monotonic())

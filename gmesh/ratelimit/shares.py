@@ -83,6 +83,10 @@ class GlobalLimits:
         #: limit name -> process -> published demand (what every process computes from)
         self.view: dict[str, dict[str, float]] = {}
         self.store_ok = True
+        #: the watch follows etcd / the last write that was needed succeeded / demands were read
+        self._watch_ok = True
+        self._publish_ok = True
+        self.loaded = False
         self._published: dict[str, float] = {}
         self._counted: dict[str, tuple[int, float]] = {}
         self._lease = 0
@@ -105,7 +109,7 @@ class GlobalLimits:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
         if self._keeper is not None:
@@ -130,7 +134,8 @@ class GlobalLimits:
         self._counted[name] = (state.offered, now)
         return max(state.offered - offered, 0) / max(now - since, 1e-3)
 
-    async def publish(self) -> None:
+    async def publish(self) -> bool:
+        """Write this process's changed demands; whether etcd was asked at all."""
         now = time.monotonic()
         ops: list[Any] = []
         for name in list(self.states):
@@ -143,7 +148,7 @@ class GlobalLimits:
         for name in [n for n in self._published if n not in self.states]:
             ops.append((name, None, b""))
         if not ops:
-            return
+            return False
         if not self._lease:
             self._lease = await self.store.grant_lease(TTL)
             if self._keeper is not None:
@@ -161,6 +166,7 @@ class GlobalLimits:
                 self._published.pop(name, None)
             else:
                 self._published[name] = demand
+        return True
 
     def _lost(self) -> None:
         self._lease = 0
@@ -170,31 +176,45 @@ class GlobalLimits:
         while True:
             await asyncio.sleep(INTERVAL)
             try:
-                await self.publish()
-                self._store(True)
+                if await self.publish():
+                    self._publish_ok = True
+                    self._refresh()
             except asyncio.CancelledError:
                 raise
             except GmeshError as exc:
-                self._store(False, str(exc))
+                self._publish_ok = False
+                self._refresh(str(exc))
+            except Exception:
+                log.exception("publishing rate-limit demand failed")
 
     # -- shares ------------------------------------------------------------------------------
 
     async def _watch(self) -> None:
         root = self.keys.limits_root
-        async for item in self.store.watch(root):
-            if isinstance(item, WatchLost):
-                self._store(False, item.error)
-                continue
-            if isinstance(item, Resync):
-                self.view = {}
-                for kv in item.kvs:
-                    self._index(kv.key, kv.value)
-            elif isinstance(item, WatchBatch):
-                for event in item.events:
-                    self._index(event.kv.key, event.kv.value)
-            self._store(True)
-            for name in list(self.states):
-                self._apply(name)
+        while True:
+            try:
+                async for item in self.store.watch(root):
+                    if isinstance(item, WatchLost):
+                        self._watch_ok = False
+                        self._refresh(item.error)
+                        continue
+                    if isinstance(item, Resync):
+                        self.view = {}
+                        for kv in item.kvs:
+                            self._index(kv.key, kv.value)
+                        self.loaded = True
+                    elif isinstance(item, WatchBatch):
+                        for event in item.events:
+                            self._index(event.kv.key, event.kv.value)
+                    self._watch_ok = True
+                    if not self._refresh():
+                        for name in list(self.states):
+                            self._apply(name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("following rate-limit demands failed; again in 1s")
+                await asyncio.sleep(1.0)
 
     def _index(self, key: str, value: bytes) -> None:
         name, _, process = key[len(self.keys.limits_root) :].partition("/")
@@ -221,16 +241,25 @@ class GlobalLimits:
         if state is None:
             return
         spec = state.spec
+        rate = spec.rate
         if not self.store_ok and spec.on_store_unavailable != "share":
-            share = 1e12 if spec.on_store_unavailable == "allow" else MIN_SHARE
+            if spec.on_store_unavailable == "deny":
+                state.set_share(rate, blocked=True)
+            else:  # allow: no limit while etcd is away
+                state.set_share(1e12)
+        elif not self.loaded:
+            # start-up, the demands not read yet (milliseconds): the full rate, a burst of one
+            state.set_share(rate, burst=1)
         else:
-            share = self.shares(name).get(self.process, 0.0)
-        state.set_share(max(share, MIN_SHARE))
+            state.set_share(max(self.shares(name).get(self.process, 0.0), MIN_SHARE))
         self.rebalances += 1
 
-    def _store(self, ok: bool, why: str = "") -> None:
+    def _refresh(self, why: str = "") -> bool:
+        """Follow etcd's reachability (the watch, and the writes that were needed); whether it
+        changed (every limit's share is then applied again)."""
+        ok = self._watch_ok and self._publish_ok
         if ok == self.store_ok:
-            return
+            return False
         self.store_ok = ok
         if ok:
             log.info("etcd answers again: global rate limits share again")
@@ -238,6 +267,7 @@ class GlobalLimits:
             log.warning("etcd cannot be reached (%s): global rate limits follow onStoreUnavailable", why)
         for name in list(self.states):
             self._apply(name)
+        return True
 
     def describe(self, name: str) -> dict[str, Any]:
         shares = self.shares(name) if name in self.states else {}

@@ -390,3 +390,31 @@ async def test_a_stream_over_its_message_limit_ends_with_the_limits_status(
         # unary calls of the same limit count calls, not messages
         for _ in range(20):
             await stub.Unary(REQUEST, timeout=5)
+
+
+async def test_a_message_limit_tripped_during_a_retry_backoff_ends_the_stream(
+    store: Store, mesh_keys: MeshKeys, etcd_server: EtcdMember, upstream: EchoServer
+) -> None:
+    """The first attempt fails UNAVAILABLE, the route retries after 1 s; a message written during
+    the backoff trips the limit: the stream ends with it at the next attempt, not at its deadline."""
+    await put_limit(store, mesh_keys, "chatty", {"rate": "1000/s", "messages": {"rate": "1/h", "burst": 1}})
+    retry = {"attempts": 3, "on": ["UNAVAILABLE"], "backoff": {"base": "1s", "max": "1s"}}
+    route = {"kind": "Route", "metadata": {"name": "echo"},
+             "spec": {"service": "echo", "rules": [{"name": "default", "retry": retry}]}}  # fmt: skip
+    revision = await store.put(mesh_keys.config("Route", "echo"), json.dumps(route).encode())
+    async with gmesh.aio.channel("gmesh:///echo", etcd=etcd_server.url, prefix=mesh_keys.prefix) as channel:
+        await in_use(await channel.ready_outbound(), revision)
+        stub = echo_pb2_grpc.EchoStub(channel)
+        upstream.servicer.fail_share = 1.0
+        call = stub.Bidi(timeout=30)
+        await call.write(echo_pb2.EchoRequest(message="m0"))
+        deadline = time.monotonic() + 10
+        while upstream.servicer.calls.get("Bidi", 0) < 1:  # the first attempt was refused
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        upstream.servicer.fail_share = 0.0
+        started = time.monotonic()
+        error = await refusal(lambda: call.write(echo_pb2.EchoRequest(message="m1")))
+        took = time.monotonic() - started
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "stream messages" in (error.details() or "")
+    assert took < 5, took  # the next attempt (1 s backoff), never the 30 s deadline

@@ -47,16 +47,27 @@ def test_a_process_follows_its_share_and_etcd_trouble_by_policy() -> None:
     limits._published["l"] = 50.0
     limits.view = {"l": {"me": 50.0, "other": 400.0}}
     limits._apply("l")
+    # before the demands were read (start-up): the full rate, a burst of one
+    assert state.share == 200.0 and state.buckets.bucket.burst == 1
+    limits.loaded = True
+    limits._apply("l")
     # demands with headroom: me 55, other 440; me (the smaller) gets 55, other the other 145
     assert state.share == pytest.approx(50 * HEADROOM) and state.buckets.bucket.rate == pytest.approx(55.0)
     assert limits.shares("l") == pytest.approx({"me": 55.0, "other": 145.0})
-    for policy, expected in (("share", 55.0), ("allow", 1e12), ("deny", MIN_SHARE)):
+    for policy, expected in (("share", 55.0), ("allow", 1e12), ("deny", 0.0)):
         state.spec = spec(onStoreUnavailable=policy)
-        limits.store_ok = True
-        limits._store(False, "etcd down")
+        limits._watch_ok = True
+        limits._refresh()
+        limits._watch_ok = False
+        limits._refresh("etcd down")
         assert state.share == pytest.approx(expected), policy
-    limits._store(True)
-    assert state.share == pytest.approx(55.0)
+        assert state.blocked == (policy == "deny")
+    # a publish round that did not need etcd must not count as etcd answering again
+    limits._publish_ok = True
+    assert not limits._refresh() and not limits.store_ok
+    limits._watch_ok = True
+    assert limits._refresh()
+    assert state.share == pytest.approx(55.0) and not state.blocked
 
 
 def test_a_rate_change_keeps_tokens_owed_at_the_new_rate() -> None:
