@@ -242,11 +242,10 @@ async def _quota_usage(target: MeshTarget, resource: Any) -> str:
         kvs, _ = await store.get_prefix(prefix)
     rows = []
     for kv in sorted(kvs, key=lambda kv: -int(kv.value or b"0")):
-        key = unquote(kv.key[len(prefix) :])
+        name = unquote(kv.key[len(prefix) :])
+        key = name[1:] if name.startswith("=") else "(all calls)"
         used = int(kv.value or b"0")
-        rows.append(
-            [key if key != "_" else "(all calls)", str(used), str(spec.limit), str(max(spec.limit - used, 0))]
-        )
+        rows.append([key, str(used), str(spec.limit), str(max(spec.limit - used, 0))])
     left = format_duration(round(ends - clock.time()))
     head = f"window ends in {left} (tokens processes took and hold count as used)"
     return (

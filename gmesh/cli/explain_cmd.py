@@ -187,7 +187,7 @@ async def _live_state(target: MeshTarget, snapshot: MeshSnapshot, result: dict[s
 
     from gmesh.config.types import format_duration
     from gmesh.ratelimit.quota import KIND as QUOTA_KIND
-    from gmesh.ratelimit.quota import window_of
+    from gmesh.ratelimit.quota import counter_name, window_of
     from gmesh.ratelimit.shares import HEADROOM, max_min_shares
     from gmesh.ratelimit.spec import KIND as LIMIT_KIND
 
@@ -206,9 +206,7 @@ async def _live_state(target: MeshTarget, snapshot: MeshSnapshot, result: dict[s
             spec: Any = snapshot.resources[QUOTA_KIND][quota["name"]].spec
             window, ends = window_of(spec, clock.time())
             key = quota["keyValue"]
-            kv = await store.get(
-                target.keys.quota_counter(quota["name"], str(window), "_" if key is None else str(key))
-            )
+            kv = await store.get(target.keys.quota_counter(quota["name"], str(window), counter_name(key)))
             quota["used"] = int(kv.value) if kv is not None else 0
             quota["windowEndsIn"] = format_duration(round(ends - clock.time()))
 

@@ -73,10 +73,8 @@ class Sidecar:
         #: the service's RateLimits, recompiled when they change (their buckets kept)
         self._limits_source: Any = None
         self._limiter: RateLimiter | None = None
-        self._limit_states: dict[str, Any] = {}
         self._quotas_source: Any = None
         self._quotas: QuotaChecker | None = None
-        self._quota_states: dict[str, Any] = {}
         self.app_endpoint = Endpoint(service=service, address=app)
         self.pool = EndpointPool(
             Profile(max_message_bytes=max_message_bytes), addresses_of=lambda _service: (app,)
@@ -116,15 +114,9 @@ class Sidecar:
         resources = self.outbound.snapshot.resources.get(RATE_LIMIT_KIND)
         if resources is not self._limits_source:
             self._limits_source = resources
-            states, used = self._limit_states, {}
-
-            def kept(key: str, make: Any) -> Any:
-                found = states.get(key)
-                used[key] = found if found is not None else make()
-                return used[key]
-
-            limits = limits_of(resources or {}, self.service, kept, self.outbound.mesh.shares)
-            self._limit_states = used  # limits that changed or left take their buckets with them
+            used: set[str] = set()
+            limits = limits_of(resources or {}, self.service, self._kept(used), self.outbound.mesh.shares)
+            self.outbound.mesh.prune(self.service, "ratelimit:", used)  # changed limits start afresh
             self._limiter = RateLimiter(limits) if limits else None
         return self._limiter
 
@@ -133,17 +125,24 @@ class Sidecar:
         resources = self.outbound.snapshot.resources.get(QUOTA_KIND)
         if resources is not self._quotas_source:
             self._quotas_source = resources
-            states, used = self._quota_states, {}
-
-            def kept(key: str, make: Any) -> Any:
-                found = states.get(key)
-                used[key] = found if found is not None else make()
-                return used[key]
-
-            checks = quotas_of(resources or {}, self.service, kept, self.outbound.store, self.outbound.keys)
-            self._quota_states = used
+            used: set[str] = set()
+            outbound = self.outbound
+            checks = quotas_of(resources or {}, self.service, self._kept(used), outbound.store, outbound.keys)
+            outbound.mesh.prune(self.service, "quota:", used)
             self._quotas = QuotaChecker(checks) if checks else None
         return self._quotas
+
+    def _kept(self, used: set[str]) -> Any:
+        """State kept in the mesh state, shared with the outbound chain of the same service (one
+        bucket, one share of a global limit, per limit and process), closed with the stack, shown
+        in the config dump. Records the keys asked for in `used`."""
+        mesh, service = self.outbound.mesh, self.service
+
+        def kept(key: str, make: Any) -> Any:
+            used.add(key)
+            return mesh.kept(service, key, make)
+
+        return kept
 
     def wanted(self) -> tuple[str, str]:
         """(address, tls) the endpoint record should carry under the current TLS mode."""

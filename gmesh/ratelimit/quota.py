@@ -16,8 +16,8 @@ next chunk when they run low, and gives back what it did not spend when a key go
 process stops. Every admitted call was taken from the counter first, so the quota is never
 exceeded while etcd answers; a process killed while holding tokens takes at most one chunk per
 key with it (calls that will not be admitted: under, never over). When etcd cannot be reached,
-`onStoreUnavailable` decides: `share` spends what the process holds and then refuses, `allow`
-admits (counted locally, never written back), `deny` refuses.
+`onStoreUnavailable` decides: `share` and `deny` spend what the process holds (taken from the
+counter already) and then refuse, `allow` admits (counted locally, never written back).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
@@ -86,7 +87,7 @@ class QuotaSpec(SpecModel):
     on_store_unavailable: Literal["share", "allow", "deny"] = Field(
         default="share",
         description="While etcd cannot be reached: spend what this process holds, then refuse "
-        "(share); admit (allow); refuse (deny).",
+        "(share, deny); admit everything (allow).",
     )
     max_keys: int = Field(default=10_000, ge=1, le=1_000_000, description="Keys held per process.")
 
@@ -168,6 +169,7 @@ class QuotaState:
         self._store_retry = 0.0
         self._leases: dict[int, int] = {}
         self._previous: dict[tuple[int, Any], int] = {}
+        self._last_room = -1e9
         self._sweeper: asyncio.Task[None] | None = None
         COLLECTOR.add_source(self)
 
@@ -178,14 +180,11 @@ class QuotaState:
         now = time.time()
         window, _ = window_of(self.spec, now)
         held = self.held.get(key)
+        if held is None and len(self.held) >= self.spec.max_keys and not self._make_room():
+            # no room to hold tokens for another key: take exactly one from its own counter
+            return await self._one(key, window)
         if held is None or held.window != window:
-            if held is None and len(self.held) >= self.spec.max_keys:
-                self._make_room()
-                if len(self.held) >= self.spec.max_keys:
-                    key = None  # no room: keys beyond the bound share the keyless counter
-                    held = self.held.get(None)
-            if held is None or held.window != window:
-                held = self.held[key] = _Held(window)
+            held = self.held[key] = _Held(window)
         held.idle_since = time.monotonic()
         while True:
             if held.tokens > 0:
@@ -201,6 +200,18 @@ class QuotaState:
             got = await asyncio.shield(held.refill)
             if got <= 0 and held.tokens <= 0:
                 return self._without_store(got)
+
+    async def _one(self, key: Any, window: int) -> bool:
+        """One token straight from `key`'s counter (a key this process has no room to hold)."""
+        if time.monotonic() < self._store_retry:
+            return self._without_store(-1)
+        try:
+            got = await self.take(key, window, 1)
+            self._store_up()
+        except GmeshError as exc:
+            self._store_down(str(exc))
+            return self._without_store(-1)
+        return got > 0
 
     def _without_store(self, got: int) -> bool:
         """No token: the quota is used up (got 0), or etcd could not be asked (got -1)."""
@@ -237,14 +248,16 @@ class QuotaState:
 
     def _counter(self, window: int, key: Any) -> str:
         assert self.keys is not None
-        return self.keys.quota_counter(self.name, str(window), "_" if key is None else str(key))
+        return self.keys.quota_counter(self.name, str(window), counter_name(key))
 
     async def take(self, key: Any, window: int, want: int) -> int:
         """Take up to `want` tokens of `key`'s counter in `window` (compare-and-swap); how many."""
         if self.store is None:
             raise GmeshError("no store")
         counter = self._counter(window, key)
-        for _ in range(20):  # other holders race for the same counter: read again and retry
+        for attempt in range(20):  # other holders race for the same counter: read again and retry
+            if attempt:
+                await asyncio.sleep(random.uniform(0, 0.002 * attempt))
             found = await self.store.get(counter)
             used = int(found.value) if found is not None else 0
             free = self.spec.limit - used - await self.carried(key, window)
@@ -338,19 +351,31 @@ class QuotaState:
         """Give back what quiet keys hold; forget keys of windows that are over."""
         while self.held:
             await asyncio.sleep(IDLE_RETURN / 2)
-            now, wall = time.monotonic(), time.time()
-            window, _ = window_of(self.spec, wall)
-            for key, held in list(self.held.items()):
-                if held.window != window:
-                    del self.held[key]  # the window is over: what it held is worth nothing now
-                elif held.tokens and held.refill is None and now - held.idle_since >= IDLE_RETURN:
-                    tokens, held.tokens = held.tokens, 0
-                    with contextlib.suppress(GmeshError):
-                        await self.give_back(key, held.window, tokens)
+            try:
+                await self._sweep_once()
+            except Exception:
+                log.exception("quota %s: giving tokens back failed", self.name)
 
-    def _make_room(self) -> None:
-        for key in [k for k, h in self.held.items() if h.tokens == 0 and h.refill is None]:
-            del self.held[key]
+    async def _sweep_once(self) -> None:
+        now, wall = time.monotonic(), time.time()
+        window, _ = window_of(self.spec, wall)
+        for key, held in list(self.held.items()):
+            if held.window != window:
+                del self.held[key]  # the window is over: what it held is worth nothing now
+            elif held.tokens and held.refill is None and now - held.idle_since >= IDLE_RETURN:
+                tokens, held.tokens = held.tokens, 0
+                with contextlib.suppress(GmeshError):
+                    await self.give_back(key, held.window, tokens)
+
+    def _make_room(self) -> bool:
+        """Forget keys that hold nothing (at most once a second: a flood of new keys must not scan
+        the table per call); whether there is room now."""
+        now = time.monotonic()
+        if now - self._last_room >= 1.0:
+            self._last_room = now
+            for key in [k for k, h in self.held.items() if h.tokens == 0 and h.refill is None]:
+                del self.held[key]
+        return len(self.held) < self.spec.max_keys
 
     async def close(self) -> None:
         """Give back everything held (the process is stopping)."""
@@ -454,8 +479,17 @@ class QuotaChecker:
         return await next(call)
 
 
+def counter_name(key: Any) -> str:
+    """A counter's name for a key value (`~all` without a key: no value can collide with it)."""
+    return "~all" if key is None else f"={key}"
+
+
 def quota_key(name: str, spec: QuotaSpec) -> str:
-    return f"quota:{name}:{spec.model_dump_json()}"
+    """What a holder's state is for: what it counts (a change of mode or status keeps it)."""
+    return (
+        f"quota:{name}:{spec.limit}:{spec.window}:{spec.align}:{spec.key}:{spec.chunk_size}:"
+        f"{spec.max_keys}:{spec.methods}:{spec.metadata}"
+    )
 
 
 def quotas_of(
@@ -467,6 +501,7 @@ def quotas_of(
         if spec.service != service:
             continue
         state = kept(quota_key(name, spec), lambda name=name, spec=spec: QuotaState(name, spec, store, keys))
+        state.spec = spec  # mode, status, onStoreUnavailable as written now
         out.append(QuotaCheck(name, state))
     return out
 

@@ -579,3 +579,39 @@ async def test_an_external_root_with_gmesh_as_its_intermediate(
         finally:
             await server.stop(None)
             await echo.close()
+
+
+async def test_the_inbound_proxy_enforces_rate_limits_per_verified_caller(
+    etcd_server: EtcdMember, store: Store, mesh_keys: MeshKeys, tmp_path: Path, ca: RunningCa, bare_app: str
+) -> None:
+    from gmesh.v1 import admin_pb2, admin_pb2_grpc
+
+    await put(
+        store,
+        mesh_keys,
+        "RateLimit",
+        "per-caller",
+        {"service": "echo", "rate": "1/h", "burst": 2, "key": "caller"},
+    )
+    side = await sidecar(etcd_server, mesh_keys, tmp_path, ca, bare_app)
+    try:
+        assert side.sidecar is not None and side.admin is not None
+        tls = side.sidecar.tls_address
+        await wait_record(store, mesh_keys, lambda r: r.get("tls") == tls)
+        web, batch = leaf_credentials(ca.root, "web"), leaf_credentials(ca.root, "batch")
+        assert [(await unary(tls, web)).payload for _ in range(2)] == [REQUEST.payload] * 2
+        over = await refused(tls, web)
+        assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"for caller {WEB}" in (over.details() or "")
+        assert (await unary(tls, batch)).payload == REQUEST.payload  # another identity, its own bucket
+        admin = grpc.aio.secure_channel(side.admin.address, web, [("grpc.ssl_target_name_override", "echo")])
+        async with admin as channel:  # with an identity, the admin port is mTLS only
+            dump = await admin_pb2_grpc.AdminStub(channel).ConfigDump(
+                admin_pb2.ConfigDumpRequest(service="echo"), timeout=5
+            )
+        limits = json.loads(dump.json)["services"]["echo"]["rateLimits"]
+        assert [(limit["name"], limit["rejected"], limit["keys"]) for limit in limits] == [
+            ("per-caller", 1, 2)
+        ]
+    finally:
+        await side.stop(0)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gmesh.discovery.keys import MeshKeys
-from gmesh.ratelimit.quota import QuotaSpec, QuotaState, window_of
+from gmesh.ratelimit.quota import QuotaSpec, QuotaState, counter_name, window_of
 from gmesh.store.etcd import EtcdConfig, Store
 from gmesh.testing.echo import EchoServer
 from gmesh.testing.etcd import EtcdMember
@@ -49,7 +49,7 @@ async def test_racing_holders_admit_exactly_the_limit(store: Store, mesh_keys: M
     assert sum(admitted.values()) == 1000, admitted
     assert all(n > 0 for n in admitted.values())
     window, _ = window_of(quota, time.time())
-    counter = await store.get(mesh_keys.quota_counter("q", str(window), "_"))
+    counter = await store.get(mesh_keys.quota_counter("q", str(window), counter_name(None)))
     assert counter is not None and int(counter.value) == 1000
     assert counter.lease != 0  # it vanishes after the window
     for holder in holders:
@@ -65,7 +65,7 @@ async def test_tokens_not_spent_go_back_and_a_lost_holder_costs_one_chunk(
     assert await polite.admit("k") and await lost.admit("k")  # each took a chunk of 10, spent 1
     await polite.close()  # gives back its 9
     window, _ = window_of(quota, time.time())
-    counter = mesh_keys.quota_counter("p", str(window), "k")
+    counter = mesh_keys.quota_counter("p", str(window), counter_name("k"))
     assert int((await store.get(counter)).value) == 11  # type: ignore[union-attr]
     # `lost` dies holding 9 tokens: the others can still spend 100 - 1 - 1 - 9 = 89
     spent = 0
@@ -157,7 +157,7 @@ async def test_three_proxies_share_a_quota_and_a_killed_holder_loses_one_chunk(
                 if code not in ("second", "ready"):
                     codes[code] += n
     window, _ = window_of(quota, time.time())
-    taken = int((await store.get(mesh_keys.quota_counter("hourly", str(window), "_"))).value)  # type: ignore[union-attr]
+    taken = int((await store.get(mesh_keys.quota_counter("hourly", str(window), counter_name(None)))).value)  # type: ignore[union-attr]
     print(f"\nquota 1000/h over 3 proxies: {dict(codes)}; counter {taken}")
     assert taken == 1000
     # admitted calls: never above the quota; the killed proxy took at most one chunk (and the
