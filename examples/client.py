@@ -24,8 +24,11 @@ async def calls(channel: grpc.aio.Channel, n: int) -> Counter[str]:
     stub = orders_pb2_grpc.OrdersStub(channel)
     served: Counter[str] = Counter()
     for i in range(n):
-        order = await stub.GetOrder(orders_pb2.GetOrderRequest(id=str(i)), timeout=5)
-        served[order.served_by] += 1
+        try:
+            order = await stub.GetOrder(orders_pb2.GetOrderRequest(id=str(i)), timeout=5)
+            served[order.served_by] += 1
+        except grpc.aio.AioRpcError as exc:  # refused by the mesh (a limit, a policy) or failed
+            served[exc.code().name] += 1
     return served
 
 
