@@ -158,11 +158,13 @@ async def test_three_proxies_share_a_quota_and_a_killed_holder_loses_one_chunk(
                     codes[code] += n
     window, _ = window_of(quota, time.time())
     taken = int((await store.get(mesh_keys.quota_counter("hourly", str(window), counter_name(None)))).value)  # type: ignore[union-attr]
-    print(f"\nquota 1000/h over 3 proxies: {dict(codes)}; counter {taken}")
+    served = upstream.servicer.calls.get("Unary", 0)  # calls that passed the quota and reached the app
+    print(f"\nquota 1000/h over 3 proxies: {dict(codes)}; counter {taken}; the app served {served}")
     assert taken == 1000
-    # admitted calls: never above the quota; the killed proxy took at most one chunk (and the
-    # few calls it had admitted but not answered) with it
-    assert 1000 - 10 - 5 <= codes["OK"] <= 1000
+    # never above the quota; the killed proxy took at most one chunk (10) with it, and maybe a
+    # call it had admitted but not forwarded yet
+    assert 1000 - 10 - 1 <= served <= 1000
+    assert served - 3 <= codes["OK"] <= served  # answers lost with the killed proxy: a few at most
     assert codes["RESOURCE_EXHAUSTED"] > 1000
 
 
