@@ -95,6 +95,23 @@ MetadataKey = Annotated[
 ]
 """A gRPC request metadata key as gRPC carries it: lowercase."""
 
+
+def method_pattern_problem(method: str) -> str | None:
+    """Why `method` is not a method path (`/pkg.Service/Method`) or a prefix ending in `*`."""
+    if method.startswith("/") and ("*" not in method or (method.endswith("*") and method.count("*") == 1)):
+        return None
+    example = "a path like /orders.v1.Orders/Get, or a prefix ending in '*' (/orders.v1.Orders/*)"
+    return f"method {method!r}: {example}"
+
+
+MethodPattern = Annotated[
+    str,
+    _check(method_pattern_problem),
+    WithJsonSchema({"type": "string", "pattern": r"^/[^*]*\*?$"}),
+]
+"""A method path (`/orders.v1.Orders/Get`) or a prefix of paths ending in `*` (`/orders.v1.Orders/*`):
+what AuthorizationPolicy, RateLimit and Quota select calls by."""
+
 LabelKey = Annotated[str, _check(label_key_problem)]
 LabelValue = Annotated[str, _check(label_value_problem)]
 Labels = dict[LabelKey, LabelValue]

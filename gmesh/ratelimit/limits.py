@@ -103,12 +103,9 @@ class Limit:
     __slots__ = (
         "_key_of",
         "_last_shadow_log",
-        "always",
         "buckets",
         "enforce",
-        "metadata",
-        "method_prefixes",
-        "methods",
+        "match",
         "name",
         "overrides",
         "service",
@@ -123,30 +120,15 @@ class Limit:
         self.service = spec.service
         self.enforce = spec.mode == "enforce"
         self.status = grpc.StatusCode[spec.status]
-        match = CallMatch(spec.methods, spec.metadata)
-        self.methods, self.method_prefixes, self.metadata = (
-            match.methods,
-            match.method_prefixes,
-            match.metadata,
-        )
+        self.match = CallMatch(spec.methods, spec.metadata)
         self._key_of = key_function(spec.key)
         self.buckets = state.buckets
         self.overrides = state.overrides
         self.state = state  # buckets and counts: they survive recompiles
-        self.always = self.methods is None and not self.metadata
         self._last_shadow_log = -math.inf
 
     def applies(self, method: str, metadata: Any) -> bool:
-        if self.always:
-            return True
-        methods = self.methods
-        if (
-            methods is not None
-            and method not in methods
-            and not (self.method_prefixes and method.startswith(self.method_prefixes))
-        ):
-            return False
-        return all(predicate(metadata_value(metadata, key)) for key, predicate in self.metadata)
+        return self.match.applies(method, metadata)
 
     def check(self, call: Call[Any], now: float) -> None:
         """Admit `call` or raise the refusal (shadow: count, log, admit)."""
@@ -415,13 +397,13 @@ class RateLimiter:
     def check(self, call: Call[Any]) -> None:
         now = time.monotonic()
         for limit in self.limits:
-            if limit.applies(call.method, call.metadata):
+            if limit.match.applies(call.method, call.metadata):
                 limit.check(call, now)
 
     async def __call__(self, call: Call[Any], next: Handler, /) -> Any:
         now = time.monotonic()
         for limit in self.limits:
-            if limit.applies(call.method, call.metadata):
+            if limit.match.applies(call.method, call.metadata):
                 limit.check(call, now)
         return await next(call)
 

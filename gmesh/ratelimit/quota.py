@@ -36,8 +36,9 @@ from pydantic import Field, field_validator, model_validator
 
 from gmesh.chain.call import Call
 from gmesh.config.kinds import ConfigView, Kind, Resource
-from gmesh.config.types import MetadataKey, Name, PositiveDuration, SpecModel, format_duration
+from gmesh.config.types import MetadataKey, MethodPattern, Name, PositiveDuration, SpecModel, format_duration
 from gmesh.errors import CallError, GmeshError
+from gmesh.ratelimit.spec import LimitKey
 from gmesh.routing.spec import MetadataMatch
 from gmesh.store.etcd import Compare, Put
 
@@ -61,7 +62,7 @@ class QuotaSpec(SpecModel):
     """Calls per window and key, shared by every gmesh process through counters in etcd."""
 
     service: Name = Field(description="The mesh service whose calls this quota counts.")
-    methods: list[str] | None = Field(
+    methods: list[MethodPattern] | None = Field(
         default=None, min_length=1, description="Method paths, or prefixes ending in '*' (default: all)."
     )
     metadata: dict[MetadataKey, MetadataMatch] | None = Field(
@@ -76,7 +77,7 @@ class QuotaSpec(SpecModel):
         description="calendar: the count starts again with each window; rolling: the last `window` "
         "counts (the previous window's calls weighted by how much of them is still inside it).",
     )
-    key: str | None = Field(
+    key: LimitKey | None = Field(
         default=None, description="What a quota is per: none, `caller`, or `metadata:<key>` (as RateLimit)."
     )
     chunk: int | None = Field(
@@ -97,29 +98,6 @@ class QuotaSpec(SpecModel):
         if window < 1:
             raise ValueError("a quota window is at least 1s (use a RateLimit for shorter ones)")
         return window
-
-    @field_validator("key")
-    @classmethod
-    def _key(cls, key: str | None) -> str | None:
-        from gmesh.ratelimit.spec import _KEY
-
-        if key is not None and not _KEY.fullmatch(key):
-            raise ValueError(
-                f"key {key!r}: one of caller, metadata:<lowercase metadata key> (or leave it out)"
-            )
-        return key
-
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, methods: list[str] | None) -> list[str] | None:
-        for method in methods or ():
-            if (
-                not method.startswith("/")
-                or ("*" in method and not method.endswith("*"))
-                or method.count("*") > 1
-            ):
-                raise ValueError(f"method {method!r}: a path, or a prefix ending in '*'")
-        return methods
 
     @model_validator(mode="after")
     def _chunk(self) -> QuotaSpec:

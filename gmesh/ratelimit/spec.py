@@ -23,10 +23,17 @@ import re
 from collections.abc import Iterator
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    model_validator,
+)
 
 from gmesh.config.kinds import ConfigView, Kind, Resource
-from gmesh.config.types import MetadataKey, Name, SpecModel
+from gmesh.config.types import MetadataKey, MethodPattern, Name, SpecModel
 from gmesh.routing.spec import MetadataMatch
 
 KIND = "RateLimit"
@@ -60,6 +67,22 @@ def format_rate(per_second: float) -> str:
         if count >= 1 and abs(count - round(count)) < 1e-9:
             return f"{round(count)}/{unit}"
     return f"{per_second:g}/s"
+
+
+def _key_problem(key: str) -> str | None:
+    if _KEY.fullmatch(key):
+        return None
+    return f"key {key!r}: one of caller, metadata:<lowercase metadata key> (or leave it out)"
+
+
+LimitKey = Annotated[str, AfterValidator(lambda k: _raise(_key_problem(k), k))]
+"""What a RateLimit or Quota counts per: `caller` or `metadata:<key>`."""
+
+
+def _raise(problem: str | None, value: str) -> str:
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 Rate = Annotated[
@@ -96,7 +119,7 @@ class RateLimitSpec(SpecModel):
     """A limit on a service's calls, in total or per key, enforced by each gmesh process."""
 
     service: Name = Field(description="The mesh service whose calls this limit counts.")
-    methods: list[str] | None = Field(
+    methods: list[MethodPattern] | None = Field(
         default=None, min_length=1, description="Method paths, or prefixes ending in '*' (default: all)."
     )
     metadata: dict[MetadataKey, MetadataMatch] | None = Field(
@@ -109,7 +132,7 @@ class RateLimitSpec(SpecModel):
         ge=1,
         description="Tokens a key may spend at once (default: one second of rate, at least 1).",
     )
-    key: str | None = Field(
+    key: LimitKey | None = Field(
         default=None,
         description="What a bucket is per: none (one bucket for all calls), `caller` (the caller's "
         "verified identity, else its labels, else its address), or `metadata:<key>`.",
@@ -139,29 +162,6 @@ class RateLimitSpec(SpecModel):
     max_keys: int = Field(
         default=100_000, ge=1, le=10_000_000, description="Buckets kept per process (bounded memory)."
     )
-
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, methods: list[str] | None) -> list[str] | None:
-        for method in methods or ():
-            if (
-                not method.startswith("/")
-                or ("*" in method and not method.endswith("*"))
-                or method.count("*") > 1
-            ):
-                raise ValueError(
-                    f"method {method!r}: a path like /orders.v1.Orders/Get, or a prefix ending in '*'"
-                )
-        return methods
-
-    @field_validator("key")
-    @classmethod
-    def _key(cls, key: str | None) -> str | None:
-        if key is not None and not _KEY.fullmatch(key):
-            raise ValueError(
-                f"key {key!r}: one of caller, metadata:<lowercase metadata key> (or leave it out)"
-            )
-        return key
 
     @model_validator(mode="after")
     def _global_in_total(self) -> RateLimitSpec:

@@ -38,7 +38,7 @@ from pydantic import Field, field_validator, model_validator
 
 from gmesh.chain.metadata import Metadata, metadata_values
 from gmesh.config.kinds import ConfigView, Kind, Resource
-from gmesh.config.types import MetadataKey, Name, SpecModel
+from gmesh.config.types import MetadataKey, MethodPattern, Name, SpecModel
 from gmesh.routing import match as m
 from gmesh.routing.spec import MetadataMatch
 
@@ -81,7 +81,7 @@ class RuleSpec(SpecModel):
         "{exact|prefix|glob: ...}. '*' also matches callers without an identity (plaintext).",
         json_schema_extra=lambda schema: _strings_too(schema),
     )
-    methods: list[str] | None = Field(
+    methods: list[MethodPattern] | None = Field(
         default=None,
         min_length=1,
         description="Method paths (/pkg.Service/Method), or prefixes ending in '*'.",
@@ -89,21 +89,6 @@ class RuleSpec(SpecModel):
     metadata: dict[MetadataKey, MetadataMatch] | None = Field(
         default=None, description="Request metadata key -> match (exact, prefix, regex, present, absent)."
     )
-
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, methods: list[str] | None) -> list[str] | None:
-        for method in methods or ():
-            if (
-                not method.startswith("/")
-                or ("*" in method and not method.endswith("*"))
-                or method.count("*") > 1
-            ):
-                raise ValueError(
-                    f"method {method!r}: a path like /orders.v1.Orders/Get, or a prefix ending in '*' "
-                    "(/orders.v1.Orders/*)"
-                )
-        return methods
 
     @field_validator("from_", mode="before")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,11 +114,13 @@ async def test_bodies_are_cut_and_taps_are_limited(tapped: Any) -> None:
 
 
 async def _until_open(admin: Any) -> None:
+    deadline = time.monotonic() + 20
     while True:
         try:
             (await opened(admin)).cancel()
             return
         except grpc.aio.AioRpcError:
+            assert time.monotonic() < deadline, f"the admin port {admin} never opened a tap"
             await asyncio.sleep(0.05)
 
 

@@ -305,19 +305,19 @@ METHOD_HELP = "a path like /orders.v1.Orders/Get, or a prefix ending in '*' (/or
         ),
         (
             "service: orders\nrules:\n  - methods: [orders.v1.Orders/Get]",
-            (6, "spec.rules[0].methods", f"method 'orders.v1.Orders/Get': {METHOD_HELP}"),
+            (6, "spec.rules[0].methods[0]", f"method 'orders.v1.Orders/Get': {METHOD_HELP}"),
         ),
         (
             "service: orders\nrules:\n  - methods: ['/orders.v1.Orders/*Get']",
-            (6, "spec.rules[0].methods", f"method '/orders.v1.Orders/*Get': {METHOD_HELP}"),
+            (6, "spec.rules[0].methods[0]", f"method '/orders.v1.Orders/*Get': {METHOD_HELP}"),
         ),
         (
             "service: orders\nrules:\n  - methods: ['/orders.*/Get*']",
-            (6, "spec.rules[0].methods", f"method '/orders.*/Get*': {METHOD_HELP}"),
+            (6, "spec.rules[0].methods[0]", f"method '/orders.*/Get*': {METHOD_HELP}"),
         ),
         (
             "service: orders\nrules:\n  - methods: ['*']",
-            (6, "spec.rules[0].methods", f"method '*': {METHOD_HELP}"),
+            (6, "spec.rules[0].methods[0]", f"method '*': {METHOD_HELP}"),
         ),
         (
             "service: orders\nrules:\n  - from: [web]",
