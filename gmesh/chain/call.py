@@ -7,7 +7,7 @@ the hot path allocates as little as it can.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Awaitable, Callable, Container, Mapping
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -22,17 +22,44 @@ D = TypeVar("D")
 
 
 class Caller:
-    """Who is calling: mesh identity (filled by mTLS, later), labels and zone of the calling workload."""
+    """Who is calling: mesh identity (SPIFFE ID, from mTLS or the process's own), labels and zone
+    of the calling workload, and `source`: what the service graph names the caller (see
+    `source_of`; "" when nobody said)."""
 
-    __slots__ = ("identity", "labels", "peer", "zone")
+    __slots__ = ("identity", "labels", "peer", "source", "zone")
 
     def __init__(
-        self, peer: str = "", identity: str = "", labels: dict[str, str] | None = None, zone: str = ""
+        self,
+        peer: str = "",
+        identity: str = "",
+        labels: dict[str, str] | None = None,
+        zone: str = "",
+        source: str = "",
     ) -> None:
         self.peer = peer
         self.identity = identity
         self.labels = labels or {}
         self.zone = zone
+        self.source = source
+
+
+#: caller labels that name the calling service, in order of preference
+SOURCE_LABELS = ("service", "app")
+
+
+def source_of(identity: str, labels: Mapping[str, str], fallback: str) -> str:
+    """The name the service graph gives a caller: the service of its identity
+    (`spiffe://<domain>/svc/<service>`), else its `service` or `app` label, else `fallback`
+    (the proxy or process the calls came through). Computed once per proxy or channel."""
+    if identity:
+        _, marker, service = identity.rpartition("/svc/")
+        if marker and service:
+            return service
+    for label in SOURCE_LABELS:
+        value = labels.get(label)
+        if value:
+            return value
+    return fallback
 
 
 ANONYMOUS = Caller()

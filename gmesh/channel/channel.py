@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from gmesh.chain.call import Caller
+from gmesh.chain.call import Caller, source_of
 from gmesh.discovery.endpoint import check_service_name
 from gmesh.discovery.keys import DEFAULT_PREFIX, MeshKeys
 from gmesh.errors import InvalidArgument
 from gmesh.outbound import stack
 from gmesh.outbound.pool import EndpointPool, Profile
+from gmesh.stats.backend import PROCESS
 from gmesh.store.connect import resolve_etcd
 from gmesh.store.etcd import EtcdConfig
 
@@ -72,7 +73,8 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
         self.identity: Any = None
         #: this process as route rules and zone-aware balancers see the caller
         zone = os.environ.get("GMESH_ZONE", "") if zone is None else zone
-        self.caller = Caller(labels=dict(caller_labels or {}), zone=zone)
+        labels = dict(caller_labels or {})
+        self.caller = Caller(labels=labels, zone=zone, source=source_of("", labels, f"process:{PROCESS}"))
         self._etcd = etcd
         self._keys = MeshKeys(prefix or os.environ.get("GMESH_PREFIX") or DEFAULT_PREFIX)
         self._profile = Profile(options=options, credentials=credentials, interceptors=interceptors)
@@ -107,6 +109,7 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
                 identity=self.identity,
             )
             self.caller.identity = self.identity.spiffe_id
+            self.caller.source = source_of(self.caller.identity, self.caller.labels, self.caller.source)
         self.pool = outbound.pool(self._profile)
         self.outbound = outbound
         return outbound

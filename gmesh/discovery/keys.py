@@ -6,6 +6,8 @@ etcd cluster:
     <prefix>config/<Kind>/<name>       config resources (JSON)
     <prefix>endpoints/<service>/<id>   endpoint records (JSON, leased)
     <prefix>proxies/<id>               running proxies (JSON, leased)
+    <prefix>processes/<process>        running proxies and channel processes (JSON, leased)
+    <prefix>stats/<service>/<process>  per-process counters of calls to a service (JSON, leased)
 
 The catalog watches the one key range that covers `config/` and `endpoints/`, so churn
 elsewhere (quota counters, locks) never wakes it.
@@ -105,6 +107,14 @@ class MeshKeys:
 
     def quota_counter(self, quota: str, window: str, key: str) -> str:
         return f"{self.quota_window(quota, window)}{_segment(key)}"
+
+    # processes/ : every running outbound stack (proxies and channel processes), leased
+    @property
+    def processes_root(self) -> str:
+        return f"{self.prefix}processes/"
+
+    def process(self, process: str) -> str:
+        return f"{self.processes_root}{_segment(process)}"
 
     @property
     def stats_root(self) -> str:

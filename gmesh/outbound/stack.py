@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,7 @@ from gmesh.outbound.health import HealthChecks
 from gmesh.outbound.mesh import Build, MeshState
 from gmesh.outbound.pool import EndpointConn, EndpointPool, Profile
 from gmesh.routing.table import compile_table
+from gmesh.stats.backend import PROCESS
 from gmesh.stats.metrics import known_methods
 from gmesh.stats.publish import StatsPublisher
 
@@ -112,7 +114,14 @@ class Outbound:
         self.idle_timeout = idle_timeout if idle_timeout is not None else idle_timeout_from_env()
         self.drain_timeout = drain_timeout
         self.health = HealthChecks(self.mesh.states, self._conn_anywhere)
-        self.publisher = StatsPublisher(store, keys, self.mesh.stats, self.mesh.metrics)
+        #: what this process is, in its record under processes/ (the proxy sets "proxy" and its id)
+        self.role = "channel"
+        self.role_id = ""
+        self.started_at = time.time()
+        self.publisher = StatsPublisher(
+            store, keys, self.mesh.stats, self.mesh.metrics,
+            endpoints=self.endpoint_views, process=self.process_record,
+        )  # fmt: skip
         self._pools: dict[Any, tuple[EndpointPool, int]] = {}
         self._unhooks: dict[Any, Callable[[], None]] = {}
         self._listeners: list[Callable[[Outbound], None]] = []
@@ -353,6 +362,41 @@ class Outbound:
                 self.sweep_idle()
             except Exception:
                 log.exception("idle sweep failed")
+
+    def process_record(self) -> dict[str, Any]:
+        """This process under processes/ (the dashboard's Proxies page)."""
+        return {
+            "role": self.role,
+            "id": self.role_id or PROCESS,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "revision": self.revision,
+            "startedAt": round(self.started_at, 3),
+            "services": sorted(self.backends.active),
+        }
+
+    def endpoint_views(self) -> dict[str, list[dict[str, Any]]]:
+        """service -> this process's view of each endpoint it called (for the published stats)."""
+        down: set[str] = set()
+        for pool in self.pools():
+            down.update(pool.down)
+        now = time.monotonic()
+        out: dict[str, list[dict[str, Any]]] = {}
+        for state in self.mesh.states.all():
+            out.setdefault(state.service, []).append(
+                {
+                    "address": state.address,
+                    "inflight": state.inflight,
+                    "ewmaMs": round(state.ewma * 1000, 1),
+                    "attempts": state.calls,
+                    "failures": state.errors,
+                    "healthy": state.healthy,
+                    "ejected": state.ejected_until > now,
+                    "ejections": state.ejections,
+                    "down": state.address in down,
+                }
+            )
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {

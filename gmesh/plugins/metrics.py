@@ -56,7 +56,8 @@ class ObserveCalls:
             elapsed = _clock() - started
             in_flight[door] -= 1
             rule = call.route
-            mm.call_cell("" if rule is None else rule.name, call.backend).record(code, elapsed)
+            cell = mm.call_cell(call.caller.source, "" if rule is None else rule.name, call.backend)
+            cell.record(code, elapsed)
 
 
 class ObserveAttempts:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from gmesh.chain.call import source_of
 from gmesh.chain.replay import REPLAY_BUDGET
 from gmesh.discovery.keys import MeshKeys
 from gmesh.discovery.lease import LeasedKey
@@ -204,6 +205,12 @@ class RunningProxy:
                 )  # fmt: skip
             port = self.server.address.rpartition(":")[2]
             self.id = f"{socket.gethostname()}:{port}#{s.worker}@{os.getpid()}"
+            self.outbound.role, self.outbound.role_id = "proxy", self.id
+            # the service graph's name for callers of this proxy: its identity's service, its
+            # caller labels' service/app, else the proxy itself (a plain client we cannot name)
+            self.server.inbound.source = source_of(
+                self.server.inbound.caller_identity, s.caller_labels, f"proxy:{self.id}"
+            )
             if s.admin:
                 self.admin = AdminServer(
                     self.outbound, s.admin, self.dump_info, reuse_port=reuse, identity=self.identity

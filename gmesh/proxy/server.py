@@ -110,6 +110,8 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
         self.zone = zone
         #: the SPIFFE ID this proxy presents (`--identity`): the caller route rules see
         self.caller_identity = ""
+        #: what the service graph calls the callers of this proxy (`source_of`)
+        self.source = ""
         self._prepared: collections.OrderedDict[tuple[str, str | None], _Prepared] = collections.OrderedDict()
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -163,6 +165,7 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
         pool = self.pool
         caller_labels, zone = self.caller_labels, self.zone
         identity = self.caller_identity
+        source = self.source
         known = kind is not None
 
         def prepare(
@@ -187,7 +190,9 @@ class Inbound(grpc.GenericRpcHandler):  # type: ignore[misc]
                 forward,
                 downstream,
                 kind=kind,
-                caller=Caller(peer=context.peer(), identity=identity, labels=caller_labels, zone=zone),
+                caller=Caller(
+                    peer=context.peer(), identity=identity, labels=caller_labels, zone=zone, source=source
+                ),
                 down=pool.down,
                 replayable=True,  # unary: the request is in hand; streams: RequestTape
                 mirror=mirror_unary if kind is MethodKind.UNARY else None,

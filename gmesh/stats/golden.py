@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 _FAILURES = frozenset(code.name for code in SERVER_ERRORS)
 
-#: (service, door, route, backend, method)
-RowKey = tuple[str, str, str, str, str]
+#: (service, door, route, backend, method, caller): caller is the `Caller.source` of the calls
+#: ("" from processes that published before it existed)
+RowKey = tuple[str, str, str, str, str, str]
 
 
 @dataclass
@@ -103,7 +104,14 @@ async def read_calls(store: Store, keys: MeshKeys, service: str | None = None) -
             rows = doc.get("calls", [])
             found = reading.setdefault(process, {})
             for row in rows:
-                key = (name, str(row["door"]), str(row["route"]), str(row["backend"]), str(row["method"]))
+                key = (
+                    name,
+                    str(row["door"]),
+                    str(row["route"]),
+                    str(row["backend"]),
+                    str(row["method"]),
+                    str(row.get("caller", "")),
+                )
                 found[key] = Signals.from_row(row)
         except (ValueError, TypeError, KeyError, AttributeError):
             log.warning("ignoring malformed stats at %s", kv.key)

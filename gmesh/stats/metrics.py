@@ -112,8 +112,9 @@ def backend_label(service: str, key: BackendKey) -> str:
 class MethodMetrics(Meter):
     """Counters of one method of one service, for one door.
 
-    `calls`: route rule name ("" without a Route) -> backend key -> Cell, once per call as the
-    caller saw it. `attempts`: backend key -> Cell, once per attempt (retries show here).
+    `calls`: caller source (`Caller.source`) -> route rule name ("" without a Route) -> backend
+    key -> Cell, once per call as the caller saw it. `attempts`: backend key -> Cell, once per
+    attempt (retries show here).
     `sent`, `received` (a `Meter`): stream messages from the caller and back to it, added by
     the front doors as they pass."""
 
@@ -122,17 +123,30 @@ class MethodMetrics(Meter):
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name
-        self.calls: dict[str, dict[BackendKey, Cell]] = {}
+        self.calls: dict[str, dict[str, dict[BackendKey, Cell]]] = {}
         self.attempts: dict[BackendKey, Cell] = {}
 
-    def call_cell(self, rule: str, backend: BackendKey) -> Cell:
-        by_backend = self.calls.get(rule)
+    def call_cell(self, source: str, rule: str, backend: BackendKey) -> Cell:
+        by_rule = self.calls.get(source)
+        if by_rule is None:
+            by_rule = self.calls[source] = {}
+        by_backend = by_rule.get(rule)
         if by_backend is None:
-            by_backend = self.calls[rule] = {}
+            by_backend = by_rule[rule] = {}
         cell = by_backend.get(backend)
         if cell is None:
             cell = by_backend[backend] = Cell()
         return cell
+
+    def cells(self) -> list[tuple[str, str, BackendKey, Cell]]:
+        """(caller source, route rule, backend key, cell) of every call counted (a copy: scrapes
+        read it on another thread)."""
+        return [
+            (source, rule, key, cell)
+            for source, by_rule in list(self.calls.items())
+            for rule, by_backend in list(by_rule.items())
+            for key, cell in list(by_backend.items())
+        ]
 
     def attempt_cell(self, backend: BackendKey) -> Cell:
         cell = self.attempts.get(backend)
@@ -196,26 +210,27 @@ class MeshMetrics:
         return found
 
     def published(self) -> dict[str, list[dict[str, Any]]]:
-        """service -> one row per (door, route rule, backend, method) counted so far: codes,
-        sparse duration buckets and their sum — what `gmesh stat` and `gmesh top` read back."""
+        """service -> one row per (caller, door, route rule, backend, method) counted so far:
+        codes, sparse duration buckets and their sum — what `gmesh stat`, `gmesh top` and the
+        dashboard read back."""
         out: dict[str, list[dict[str, Any]]] = {}
         for service, sm in list(self.services.items()):
             rows: list[dict[str, Any]] = []
             for door, methods in enumerate(sm.by_door):
                 for mm in [*list(methods.values()), sm.other[door]]:
-                    for rule, by_backend in list(mm.calls.items()):
-                        for key, cell in list(by_backend.items()):
-                            rows.append(
-                                {
-                                    "door": DOORS[door],
-                                    "route": rule,
-                                    "backend": backend_label(service, key),
-                                    "method": mm.name,
-                                    "codes": dict(cell.by_code()),
-                                    "buckets": {str(i): n for i, n in enumerate(list(cell.buckets)) if n},
-                                    "sum": round(cell.sum, 6),
-                                }
-                            )
+                    for source, rule, key, cell in mm.cells():
+                        rows.append(
+                            {
+                                "caller": source,
+                                "door": DOORS[door],
+                                "route": rule,
+                                "backend": backend_label(service, key),
+                                "method": mm.name,
+                                "codes": dict(cell.by_code()),
+                                "buckets": {str(i): n for i, n in enumerate(list(cell.buckets)) if n},
+                                "sum": round(cell.sum, 6),
+                            }
+                        )
             if rows:
                 out[service] = rows
         return out
@@ -270,12 +285,11 @@ class MeshMetrics:
 
 def _method_samples(out: Families, door: str, service: str, mm: MethodMetrics) -> None:
     method = mm.name
-    for rule, by_backend in list(mm.calls.items()):
-        for key, cell in list(by_backend.items()):
-            backend = backend_label(service, key)
-            for code, n in cell.by_code():
-                out.counter("calls", (door, service, rule, backend, method, code), n)
-            out.histogram("call_duration_seconds", (door, service, rule, backend, method), cell)
+    for _source, rule, key, cell in mm.cells():  # callers summed: Families adds equal label sets
+        backend = backend_label(service, key)
+        for code, n in cell.by_code():
+            out.counter("calls", (door, service, rule, backend, method, code), n)
+        out.histogram("call_duration_seconds", (door, service, rule, backend, method), cell)
     for key, cell in list(mm.attempts.items()):
         backend = backend_label(service, key)
         for code, n in cell.by_code():

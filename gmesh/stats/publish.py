@@ -2,12 +2,15 @@
 interval (leased: they vanish with the process).
 
 Per service, one key per process (`stats/<service>/<process>`) holding the per-backend attempt
-counters canary rollouts compare (`backends`) and the golden signals `gmesh stat` and `gmesh
-top` read (`calls`: codes and duration buckets per door, route rule, backend and method). The
-services whose counters changed since the last publish go out together in one transaction —
-one write (one etcd revision) per process per second while traffic flows, none while idle;
-above 128 changed services or 1 MiB (etcd's default `--max-txn-ops` and `--max-request-bytes`)
-in several transactions.
+counters canary rollouts compare (`backends`), the golden signals `gmesh stat`, `gmesh top` and
+the dashboard read (`calls`: codes and duration buckets per caller, door, route rule, backend
+and method) and what this process knows of the service's endpoints (`endpoints`: in flight,
+EWMA latency, attempts, failures, health, ejection, connection down). The services whose
+documents changed since the last publish go out together in one transaction — one write (one
+etcd revision) per process per second while traffic flows, none while idle; above 128 changed
+services or 1 MiB (etcd's default `--max-txn-ops` and `--max-request-bytes`) in several
+transactions. The process itself (`processes/<process>`: proxy or channel, the revision it
+serves, since when) goes in the same transaction when that changed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gmesh.errors import StoreUnavailable
@@ -58,9 +62,19 @@ class StatsPublisher:
     TTL = 15
 
     def __init__(
-        self, store: Store, keys: MeshKeys, registry: StatsRegistry, metrics: MeshMetrics | None = None
+        self,
+        store: Store,
+        keys: MeshKeys,
+        registry: StatsRegistry,
+        metrics: MeshMetrics | None = None,
+        *,
+        endpoints: Callable[[], dict[str, list[dict[str, Any]]]] | None = None,
+        process: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.store, self.keys, self.registry, self.metrics = store, keys, registry, metrics
+        #: service -> this process's view of its endpoints; this process's record
+        self._endpoints, self._process = endpoints, process
+        self._process_published = ""
         self._task: asyncio.Task[None] | None = None
         self._lease = 0
         self._keeper: LeaseKeeper | None = None
@@ -86,6 +100,7 @@ class StatsPublisher:
     def _lost(self) -> None:
         self._lease = 0
         self._published.clear()
+        self._process_published = ""
 
     async def _run(self) -> None:
         while True:
@@ -110,6 +125,10 @@ class StatsPublisher:
         if self.metrics is not None:
             for service, rows in self.metrics.published().items():
                 docs.setdefault(service, {})["calls"] = rows
+        if self._endpoints is not None:
+            for service, states in self._endpoints().items():
+                if service in docs:  # only services this process counted calls to
+                    docs[service]["endpoints"] = states
         return docs
 
     async def publish(self) -> None:
@@ -121,16 +140,28 @@ class StatsPublisher:
                 continue
             body = json.dumps({"process": PROCESS, "at": now, **doc}, sort_keys=True)
             changed[service] = (unchanged, body)
-        if not changed:
+        record = ""
+        if self._process is not None:
+            record = json.dumps({"process": PROCESS, **self._process()}, sort_keys=True)
+            if record == self._process_published:
+                record = ""
+        if not changed and not record:
             return
         if not self._lease:
             self._lease = await self.store.grant_lease(self.TTL)
             if self._keeper is not None:
                 await self._keeper.stop()
             self._keeper = self.store.keep_alive(self._lease, self.TTL, self._lost)
-        for chunk in _chunks(list(changed.items())):
+        chunks = _chunks(list(changed.items()))
+        if record and len(chunks[-1]) >= MAX_TXN_OPS:
+            chunks.append([])  # the process record needs a put of its own
+        for n, chunk in enumerate(chunks):
             ops = [Put(self.keys.stats(s, PROCESS), body.encode(), self._lease) for s, (_, body) in chunk]
+            if record and n == len(chunks) - 1:
+                ops.append(Put(self.keys.process(PROCESS), record.encode(), self._lease))
             await self.store.txn((), ops)
             self.writes += 1
             for service, (unchanged, _) in chunk:
                 self._published[service] = unchanged
+        if record:
+            self._process_published = record

@@ -7,8 +7,8 @@ import pytest
 from gmesh.stats.golden import RowKey, Signals, group, summary, window
 from gmesh.stats.metrics import BOUNDS
 
-KEY: RowKey = ("orders", "proxy", "default", "orders/v1", "/pkg.Orders/Get")
-OTHER: RowKey = ("orders", "channel", "default", "orders/v2", "/pkg.Orders/Get")
+KEY: RowKey = ("orders", "proxy", "default", "orders/v1", "/pkg.Orders/Get", "")
+OTHER: RowKey = ("orders", "channel", "default", "orders/v2", "/pkg.Orders/Get", "")
 
 
 def signals(ok: int, failed: int = 0, bucket: int = 10) -> Signals:

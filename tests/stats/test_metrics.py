@@ -13,6 +13,7 @@ from gmesh.stats.metrics import (
     BOUNDS,
     OTHER,
     Cell,
+    Families,
     MeshCollector,
     ServiceMetrics,
     backend_label,
@@ -74,7 +75,7 @@ def test_two_stacks_in_one_process_sum_into_one_series_and_a_closed_one_leaves()
         collector.add(mesh.metrics)
         sm = mesh.metrics.service("orders")
         sm.known = frozenset({"/pkg.Orders/Get"})
-        cell = sm.method(Door.CHANNEL, "/pkg.Orders/Get").call_cell("default", ("orders", "v1"))
+        cell = sm.method(Door.CHANNEL, "/pkg.Orders/Get").call_cell("", "default", ("orders", "v1"))
         for _ in range(n):
             cell.record(OK, 0.002)
     labels = {
@@ -127,3 +128,25 @@ def test_scrape_time_families_read_the_mesh_state() -> None:
     assert value("gmesh_endpoint_failures_total", **endpoint) == 1
     assert value("gmesh_endpoint_healthy", **endpoint) == 0
     assert value("gmesh_endpoint_ejected", **endpoint) == 0
+
+
+def test_calls_are_counted_per_caller_and_summed_in_the_exposition() -> None:
+    from gmesh.chain.call import source_of
+
+    assert source_of("spiffe://mesh.local/svc/checkout", {"app": "web"}, "proxy:p") == "checkout"
+    assert source_of("", {"app": "web"}, "proxy:p") == "web"
+    assert source_of("", {"service": "cart", "app": "web"}, "proxy:p") == "cart"
+    assert source_of("spiffe://other/ns/x", {}, "proxy:p") == "proxy:p"
+
+    mesh = MeshState(lambda: MeshSnapshot())
+    sm = mesh.metrics.service("orders")
+    sm.known = frozenset({"/pkg.Orders/Get"})
+    mm = sm.method(Door.PROXY, "/pkg.Orders/Get")
+    for source, n in (("web", 2), ("proxy:p", 3)):
+        for _ in range(n):
+            mm.call_cell(source, "", None).record(grpc.StatusCode.OK, 0.001)
+    rows = mesh.metrics.published()["orders"]
+    assert sorted((r["caller"], r["codes"]["OK"]) for r in rows) == [("proxy:p", 3), ("web", 2)]
+    out = Families()
+    mesh.metrics.samples(out)
+    assert out.values["calls"][("proxy", "orders", "", "orders", "/pkg.Orders/Get", "OK")] == 5

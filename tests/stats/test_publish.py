@@ -16,7 +16,7 @@ from gmesh.store.etcd import Store
 
 
 def count(mesh: MeshState, service: str, n: int = 1) -> None:
-    cell = mesh.metrics.service(service).method(Door.CHANNEL, "/x.Y/Z").call_cell("", None)
+    cell = mesh.metrics.service(service).method(Door.CHANNEL, "/x.Y/Z").call_cell("", "", None)
     for _ in range(n):
         cell.record(grpc.StatusCode.OK, 0.001)
 
@@ -67,3 +67,37 @@ async def test_more_services_than_one_transaction_takes(store: Store, mesh_keys:
     assert publisher.writes == 2
     assert len((await store.get_prefix(mesh_keys.stats_root))[0]) == MAX_TXN_OPS + 5
     await publisher.close()
+
+
+async def test_the_process_record_and_endpoint_views_go_in_the_same_write(
+    store: Store, mesh_keys: MeshKeys
+) -> None:
+    mesh = MeshState(lambda: MeshSnapshot())
+    record = {"role": "channel", "revision": 5}
+    views = {"svc-a": [{"address": "127.0.0.1:1", "ejected": False}], "never-called": [{}]}
+    publisher = StatsPublisher(
+        store, mesh_keys, mesh.stats, mesh.metrics, endpoints=lambda: views, process=lambda: dict(record)
+    )
+    await publisher.publish()  # no calls yet: the record alone
+    kvs, _ = await store.get_prefix(mesh_keys.processes_root)
+    assert [json.loads(kv.value) for kv in kvs] == [{"process": PROCESS, "role": "channel", "revision": 5}]
+    assert publisher.writes == 1
+    await publisher.publish()  # nothing changed: no write
+    assert publisher.writes == 1
+
+    count(mesh, "svc-a", 3)
+    record["revision"] = 6
+    await publisher.publish()
+    assert publisher.writes == 2  # stats and record together
+    doc = json.loads((await store.get(mesh_keys.stats("svc-a", PROCESS))).value)  # type: ignore[union-attr]
+    assert doc["endpoints"] == views["svc-a"]
+    assert (await store.get(mesh_keys.stats("never-called", PROCESS))) is None
+    assert json.loads((await store.get(mesh_keys.process(PROCESS))).value)["revision"] == 6  # type: ignore[union-attr]
+
+    views["svc-a"] = [{"address": "127.0.0.1:1", "ejected": True}]
+    await publisher.publish()  # an endpoint ejected: its service's document goes out again
+    assert publisher.writes == 3
+    doc = json.loads((await store.get(mesh_keys.stats("svc-a", PROCESS))).value)  # type: ignore[union-attr]
+    assert doc["endpoints"][0]["ejected"] is True
+    await publisher.close()
+    assert (await store.get_prefix(mesh_keys.processes_root))[0] == []  # leased: gone with it
