@@ -36,6 +36,7 @@ def _add_builtin_commands() -> None:
     from gmesh.cli import (
         ca_cmd,
         config_cmd,
+        dashboard_cmd,
         demo,
         etcd_cmd,
         explain_cmd,
@@ -60,6 +61,7 @@ def _add_builtin_commands() -> None:
         ca_cmd.ca,
         stat_cmd.stat,
         stat_cmd.top,
+        dashboard_cmd.dashboard,
         tap_cmd.tap,
         plugins_cmd.plugins,
         demo.demo,

@@ -30,8 +30,21 @@ VERSIONS = ("v1", "v2")
 
 
 @click.command()
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="leave the mesh running with steady traffic and a canary rollout, and serve the dashboard, "
+    "until Ctrl-C (then stop and clean up everything)",
+)
+@click.option(
+    "--dashboard-listen",
+    default="127.0.0.1:15080",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="with --keep: where the dashboard listens (port 0: any free port)",
+)
 @mesh_options
-def demo(target: MeshTarget) -> None:
+def demo(target: MeshTarget, keep: bool, dashboard_listen: str) -> None:
     """Run a small mesh end to end, then stop everything it started.
 
     Starts the embedded etcd (unless --etcd is given or it already runs), applies a
@@ -40,15 +53,23 @@ def demo(target: MeshTarget) -> None:
     in-process gmesh:/// channel, shows which endpoint served what, stops the servers and
     shows them leave the mesh. Everything is written under a prefix of its own, removed
     at the end.
+
+    With --keep it stays up instead: a proxy, a little steady traffic (a `frontend` caller
+    through gmesh:///orders and a plain client through the proxy), a canary rollout of
+    orders going back and forth between v1 and v2, and the dashboard (its URL is printed),
+    until Ctrl-C stops and removes everything.
     """
-    run(_demo(target))
+    try:
+        run(_demo(target, keep, dashboard_listen))
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def step(text: str) -> None:
     click.secho(f"\n==> {text}", bold=True)
 
 
-async def _demo(target: MeshTarget) -> None:
+async def _demo(target: MeshTarget, keep: bool = False, listen: str = "") -> None:
     embedded = EmbeddedEtcd()
     started_etcd = False
     if target.etcd:
@@ -139,6 +160,9 @@ async def _demo(target: MeshTarget) -> None:
             rows = [[door, v, by_version.get(v, "?"), str(n)] for (door, v), n in sorted(counts.items())]
             click.echo(table(["VIA", "VERSION", "ENDPOINT", "CALLS"], rows))
 
+            if keep:
+                await _keep(store, config, keys, kinds, listen)
+                return
             step("stopping the servers (SIGTERM): they withdraw from the mesh")
             t0 = time.monotonic()
             for proc in servers:
@@ -157,6 +181,88 @@ async def _demo(target: MeshTarget) -> None:
         if started_etcd:
             step("stopping the embedded etcd this demo started")
             await asyncio.to_thread(embedded.stop)
+
+
+#: steady traffic of `gmesh demo --keep`: calls per second from the frontend and through the proxy
+FRONTEND_RATE, PROXY_RATE = 8.0, 4.0
+
+
+async def _keep(store: Store, config: EtcdConfig, keys: MeshKeys, kinds: Any, listen: str) -> None:
+    """The mesh stays up: a proxy, steady traffic, a canary going back and forth, the dashboard."""
+    import gmesh.aio
+    from gmesh.dashboard.app import serve
+    from gmesh.dashboard.model import MeshView
+    from gmesh.examples.v1 import orders_pb2, orders_pb2_grpc
+
+    step("--keep: a proxy, steady traffic, a canary rollout of orders, and the dashboard")
+    proxy = RunningProxy(
+        ProxySettings(listen="127.0.0.1:0", admin="127.0.0.1:0", etcd=config, keys=keys, drain_timeout=1)
+    )
+    await proxy.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+
+    async def paced(rate: float, call: Any) -> None:
+        started, n = time.monotonic(), 0
+        while not stopping.is_set():
+            n += 1
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call(n)
+            delay = started + n / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def frontend() -> None:
+        async with gmesh.aio.channel(
+            "gmesh:///orders", etcd=config, prefix=keys.prefix, caller_labels={"app": "frontend"}
+        ) as channel:
+            stub = orders_pb2_grpc.OrdersStub(channel)
+            await paced(
+                FRONTEND_RATE, lambda n: stub.GetOrder(orders_pb2.GetOrderRequest(id=str(n)), timeout=5)
+            )
+
+    async def plain_client() -> None:
+        async with grpc.aio.insecure_channel(proxy.address) as channel:
+            stub = orders_pb2_grpc.OrdersStub(channel)
+            await paced(PROXY_RATE, lambda n: stub.GetOrder(orders_pb2.GetOrderRequest(id=str(n)), timeout=5))
+
+    async def canaries() -> None:
+        from gmesh.rollout import controller as rc
+
+        baseline, canary = "v1", "v2"
+        await rc.set_weights(store, keys, kinds, "orders", {baseline: 100})
+        while not stopping.is_set():
+            state = rc.RolloutState(
+                "orders", baseline, canary, [10, 25, 50, 100], 15.0, rc.Thresholds(min_calls=10)
+            )
+            await rc.run_canary(store, keys, kinds, state)
+            baseline, canary = canary, baseline
+
+    def ready(server: Any) -> None:
+        click.secho(f"\ndashboard: {server.url}", bold=True)
+        click.echo(
+            f"orders gets {FRONTEND_RATE:g} calls/s from `frontend` (gmesh:///orders) and {PROXY_RATE:g}/s "
+            f"from a plain client through the proxy at {proxy.address}; a canary moves it between v1 and "
+            "v2 every minute or so."
+        )
+        click.echo("Ctrl-C stops and removes everything.")
+        sys.stdout.flush()
+
+    view = MeshView(store, keys, kinds)
+    tasks = [asyncio.create_task(job()) for job in (frontend, plain_client, canaries)]
+    try:
+        await serve(view, listen, allow_writes=True, on_ready=ready, until=stopping.wait())
+    finally:
+        stopping.set()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await proxy.stop(0, delay=0)
+        step("stopped: removing the demo's servers and keys")
 
 
 async def _traffic(proxy_address: str, config: EtcdConfig, keys: MeshKeys) -> Counter[tuple[str, str]]:

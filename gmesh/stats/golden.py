@@ -100,22 +100,27 @@ async def read_calls(store: Store, keys: MeshKeys, service: str | None = None) -
         rest = kv.key[len(keys.stats_root) :]
         name, _, process = rest.partition("/")
         try:
-            doc = json.loads(kv.value)
-            rows = doc.get("calls", [])
-            found = reading.setdefault(process, {})
-            for row in rows:
-                key = (
-                    name,
-                    str(row["door"]),
-                    str(row["route"]),
-                    str(row["backend"]),
-                    str(row["method"]),
-                    str(row.get("caller", "")),
-                )
-                found[key] = Signals.from_row(row)
+            reading.setdefault(process, {}).update(parse_rows(name, json.loads(kv.value)))
         except (ValueError, TypeError, KeyError, AttributeError):
             log.warning("ignoring malformed stats at %s", kv.key)
     return reading
+
+
+def parse_rows(service: str, doc: Mapping[str, Any]) -> dict[RowKey, Signals]:
+    """The golden-signal rows of one published document (ValueError, TypeError, KeyError or
+    AttributeError when it is malformed)."""
+    found: dict[RowKey, Signals] = {}
+    for row in doc.get("calls", []):
+        key = (
+            service,
+            str(row["door"]),
+            str(row["route"]),
+            str(row["backend"]),
+            str(row["method"]),
+            str(row.get("caller", "")),
+        )
+        found[key] = Signals.from_row(row)
+    return found
 
 
 def window(before: Reading, after: Reading) -> dict[RowKey, Signals]:

@@ -137,6 +137,10 @@ def _channel_target(config: EtcdConfig) -> tuple[str, str | None]:
 # --------------------------------------------------------------------------- data
 
 
+class Compacted(Exception):
+    """The revision asked for is older than etcd's compaction point."""
+
+
 class KeyValue(NamedTuple):
     """One key as etcd stores it. A named tuple, not a frozen dataclass: a catalog of 10,000
     endpoints makes 10,000 of them on every full read, and this is 3x cheaper to create."""
@@ -422,6 +426,36 @@ class Store:
     async def get(self, key: str) -> KeyValue | None:
         resp = await self._call("get", lambda: self._kv.get(key.encode(), timeout=self.config.timeout))
         return _kv(resp.kvs[0]) if resp.kvs else None
+
+    async def get_at(self, key: str, revision: int) -> KeyValue | None:
+        """`key` as it was at `revision` (None: absent then). Raises `Compacted` when etcd has
+        compacted that revision away."""
+
+        async def read() -> Any:
+            try:
+                return await self._kv.get(key.encode(), revision=revision, timeout=self.config.timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.OUT_OF_RANGE:  # "required revision has been compacted"
+                    raise Compacted(f"etcd compacted revision {revision}") from exc
+                raise
+
+        resp = await self._call("get", read)
+        return _kv(resp.kvs[0]) if resp.kvs else None
+
+    async def history(self, key: str, limit: int = 20) -> tuple[list[KeyValue], bool]:
+        """The versions of `key` since it was last created, newest first, at most `limit`; and
+        whether older ones exist that etcd compacted away (or that `limit` left out)."""
+        versions: list[KeyValue] = []
+        found = await self.get(key)
+        while found is not None and len(versions) < limit:
+            versions.append(found)
+            if found.version <= 1:
+                return versions, False
+            try:
+                found = await self.get_at(key, found.mod_revision - 1)
+            except Compacted:
+                return versions, True
+        return versions, found is not None
 
     async def get_range(self, start: str, end: str | None = None) -> tuple[list[KeyValue], int]:
         """Every key in [start, end) (end None = all keys with prefix `start`), and the revision read at."""

@@ -1,0 +1,58 @@
+"""The dashboard's rate window, per process, from published samples (plain objects, no I/O)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from gmesh.dashboard.model import ACTIVE, WINDOW, Sample, _series_window
+from gmesh.dashboard.render import layout
+from gmesh.stats.golden import RowKey, Signals
+
+KEY: RowKey = ("orders", "proxy", "", "orders", "/x.Y/Z", "web")
+
+
+def sample(at: float, calls: int) -> Sample:
+    return Sample(at, {KEY: Signals(codes={"OK": calls})}, {}, [])
+
+
+def rate(series: deque[Sample], now: float) -> float | None:
+    found = _series_window(series, now)
+    if found is None:
+        return None
+    start, end, seconds = found
+    return (end.rows[KEY].calls - start.rows[KEY].calls) / seconds
+
+
+def test_a_steady_publisher_is_measured_between_its_own_publish_times() -> None:
+    # 20 calls/s, published every 1.1 s (the interval drifts): the rate is exact, whatever the
+    # dashboard's own clock says, as long as the process still publishes
+    series = deque(sample(100 + i * 1.1, round(i * 1.1 * 20)) for i in range(15))
+    now = series[-1].at + 0.9
+    assert rate(series, now) == 20.0
+    start, end, seconds = _series_window(series, now)  # type: ignore[misc]
+    assert end is series[-1] and seconds >= WINDOW and start.at <= end.at - WINDOW
+
+
+def test_a_process_that_stopped_calling_falls_to_zero_over_the_window() -> None:
+    series = deque(sample(100 + i, i * 10) for i in range(12))  # 10/s until t=111, then nothing
+    last = series[-1].at
+    assert rate(series, last + 0.5) == 10.0
+    assert rate(series, last + ACTIVE + 1) < 10.0  # type: ignore[operator]
+    assert rate(series, last + WINDOW + 1) is None  # the window holds no publish: nothing measured
+
+
+def test_one_sample_is_no_rate_and_a_restart_counts_from_zero() -> None:
+    assert rate(deque([sample(100, 50)]), 100.5) is None
+    series = deque([sample(100, 500), sample(101, 5), sample(102, 15)])
+    start, end, _ = _series_window(series, 102.1)  # type: ignore[misc]
+    assert start.rows[KEY].calls == 500 and end.rows[KEY].calls == 15  # the model takes `end` alone then
+
+
+def test_layout_puts_callers_left_of_what_they_call_and_survives_cycles() -> None:
+    place = layout(["web", "orders", "payments", "stock"], [("web", "orders"), ("orders", "payments"),
+                   ("orders", "stock"), ("stock", "orders")])  # fmt: skip
+    assert place["web"][0] == 0 and place["orders"][0] >= 1
+    assert place["payments"][0] > place["orders"][0]
+    assert len(set(place.values())) == 4  # no two nodes on one spot
+    lonely = layout(["a", "b"], [])
+    assert lonely == {"a": (0, 0), "b": (0, 1)}
