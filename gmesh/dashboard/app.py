@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qs
 
 import uvicorn
 from starlette.applications import Starlette
@@ -74,6 +75,7 @@ class Dashboard:
                 Route("/events", self.events),
                 Route("/api/graph", self.api_graph),
                 Route("/healthz", self.healthz),
+                Route("/favicon.ico", self.no_icon),
                 Route("/static/app.js", self.static_js),
                 Route("/static/app.css", self.static_css),
             ],
@@ -163,8 +165,9 @@ class Dashboard:
     async def abort(self, request: Request) -> Response:
         if not self.allow_writes:
             return Response("writes are off: start gmesh dashboard with --allow-writes\n", status_code=403)
-        form = await request.form()
-        if not secrets.compare_digest(str(form.get("token", "")), self.token):
+        # a urlencoded form of one field: parsed here (Starlette's form parser needs python-multipart)
+        form = parse_qs((await request.body())[:4096].decode("utf-8", "replace"))
+        if not secrets.compare_digest((form.get("token") or [""])[0], self.token):
             return Response("bad or missing form token\n", status_code=403)
         service = request.path_params["service"]
         from gmesh.rollout.controller import abort
@@ -189,6 +192,9 @@ class Dashboard:
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"ok": True, "streams": self.streams, "version": self.view.version})
+
+    async def no_icon(self, request: Request) -> Response:
+        return Response(status_code=204)
 
     async def static_js(self, request: Request) -> Response:
         return Response(self._js, media_type="text/javascript", headers={"Cache-Control": "max-age=60"})
