@@ -1,7 +1,7 @@
 """Call the example `orders` service through the mesh, both ways, and count who served each call.
 
     python examples/client.py [--proxy 127.0.0.1:15001] [--calls 10]
-    python examples/client.py --forever [--rate 50]     # steady traffic via gmesh:///orders
+    python examples/client.py --forever [--rate 50] [--as web]   # steady traffic via gmesh:///orders
     python examples/client.py --service secure-orders --identity web   # mTLS, as mesh identity web
 
 Via the proxy: a plain grpc.aio channel to `gmesh proxy`. In-process: `gmesh.aio.channel`
@@ -32,9 +32,11 @@ async def calls(channel: grpc.aio.Channel, n: int) -> Counter[str]:
     return served
 
 
-async def forever(rate: float) -> None:
-    """Steady calls through gmesh:///orders; every 5 s, who served them and how many failed."""
-    async with gmesh.aio.channel("gmesh:///orders") as channel:
+async def forever(rate: float, name: str | None) -> None:
+    """Steady calls through gmesh:///orders; every 5 s, who served them and how many failed.
+    `name`: the caller's `app` label (what the dashboard's service graph calls this client)."""
+    labels = {"app": name} if name else None
+    async with gmesh.aio.channel("gmesh:///orders", caller_labels=labels) as channel:
         stub = orders_pb2_grpc.OrdersStub(channel)
         served: Counter[str] = Counter()
         loop = asyncio.get_running_loop()
@@ -62,6 +64,9 @@ async def main() -> None:
     parser.add_argument("--calls", type=int, default=10, help="calls each way")
     parser.add_argument("--forever", action="store_true", help="call gmesh:///orders until stopped")
     parser.add_argument("--rate", type=float, default=50, help="calls per second with --forever")
+    parser.add_argument(
+        "--as", dest="name", help="with --forever: call as app NAME (its name in the service graph)"
+    )
     parser.add_argument("--service", default="orders", help="the mesh service to call")
     parser.add_argument(
         "--identity",
@@ -77,7 +82,7 @@ async def main() -> None:
                 print(f"via {target} as {args.identity}: {exc.code().name}: {exc.details()}")
         return
     if args.forever:
-        await forever(args.rate)
+        await forever(args.rate, args.name)
         return
     async with grpc.aio.insecure_channel(args.proxy) as channel:
         print("via the proxy:     ", dict(await calls(channel, args.calls)))

@@ -191,7 +191,11 @@ class Dashboard:
         )
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"ok": True, "streams": self.streams, "version": self.view.version})
+        view = self.view
+        return JSONResponse(
+            {"ok": True, "streams": self.streams, "renders": self.renders, "version": view.version,
+             "etcdReads": view.reads, "etcdError": view.error or None}
+        )  # fmt: skip
 
     async def no_icon(self, request: Request) -> Response:
         return Response(status_code=204)

@@ -23,7 +23,7 @@ from gmesh.rollout.controller import RolloutState
 #: the graph is drawn up to this many nodes; above, the table alone
 MAX_DRAWN = 150
 #: node box and grid
-NODE_W, NODE_H, COL_W, ROW_H, MARGIN = 210, 46, 460, 84, 24
+NODE_W, NODE_H, COL_W, ROW_H, MARGIN = 210, 46, 520, 84, 24
 
 
 def e(value: object) -> str:
@@ -177,16 +177,18 @@ def graph_svg(view: MeshView, services: Sequence[str], edges: Mapping[tuple[str,
         if tx <= sx:  # a call back to an earlier column: loop below
             path = f"M{sx},{sy} C{sx + 60},{sy + 70} {tx - 60},{ty + 70} {tx},{ty}"
         else:
-            mid = (sx + tx) // 2
-            path = f"M{sx},{sy} C{mid},{sy} {mid},{ty} {tx},{ty}"
+            bend = (tx - sx) * 0.65  # level at both ends: the label sits on the first stretch
+            path = f"M{sx},{sy} C{sx + bend:.0f},{sy} {tx - bend:.0f},{ty} {tx},{ty}"
         s = rate.summary()
         label = f"{rps(rate.rps)} · {pct(s['successRate'])} · p99 {ms(s['p99Ms'])}"
-        lx, ly = (sx + tx) // 2, (sy + ty) // 2 - 6
+        # along the first, level stretch of the curve, on the side it does not bend to
+        lx, ly = sx + 14, (sy + 16) if ty < sy else (sy - 7)
+
         out.append(
             f'<g class="edge {health(rate)}" data-from="{e(a)}" data-to="{e(b)}">'
             f"<title>{e(a)} → {e(b)}: {e(label)}</title>"
             f'<path d="{path}" marker-end="url(#arrow)"/>'
-            f'<text x="{lx}" y="{ly}" text-anchor="middle">{e(label)}</text></g>'
+            f'<text x="{lx}" y="{ly}">{e(label)}</text></g>'
         )
     for n in nodes:
         x, y = box(n)
