@@ -62,6 +62,8 @@ class Dashboard:
         #: open event streams now, and pages rendered for them (tests, the cost statement)
         self.streams = 0
         self.renders = 0
+        #: (path, query) -> (model version, <main> HTML): streams of one page share a render
+        self._rendered: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[int, str]] = {}
         self._js, self._css = _static("app.js"), _static("app.css")
         self.app = Starlette(
             routes=[
@@ -83,6 +85,18 @@ class Dashboard:
         self.app.add_middleware(_Guard, dashboard=self)
 
     # -- rendering ---------------------------------------------------------------------------
+
+    async def shared(self, path: str, query: dict[str, str], version: int) -> str:
+        """`main()` of a page at model `version`, rendered once however many streams show it."""
+        key = (path, tuple(sorted(query.items())))
+        found = self._rendered.get(key)
+        if found is not None and found[0] == version and not self.view.error:
+            return found[1]
+        _, html = await self.main(path, query)
+        if len(self._rendered) > 256:
+            self._rendered.clear()  # bounded: pages are few, made-up query strings are not
+        self._rendered[key] = (version, html)
+        return html
 
     async def main(self, path: str, query: dict[str, str]) -> tuple[str, str]:
         """(title, inner HTML of <main>) of the page at `path`."""
@@ -145,7 +159,7 @@ class Dashboard:
                 sent = ""
                 while not self.stopping.is_set():
                     version = self.view.version
-                    _, main = await self.main(path, query)
+                    main = await self.shared(path, query, version)
                     if main != sent:
                         sent = main
                         data = "".join(f"data: {line}\n" for line in main.split("\n"))
