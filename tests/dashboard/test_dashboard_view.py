@@ -1,0 +1,142 @@
+"""The dashboard's model (`MeshView`) over a real etcd: what processes publish becomes edges, rates,
+endpoint states, process records and rollout trends; bad records are skipped; history walks back."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from gmesh.config.kinds import KindRegistry
+from gmesh.dashboard.app import Dashboard
+from gmesh.dashboard.model import UNKNOWN, MeshView
+from gmesh.discovery.keys import MeshKeys
+from gmesh.rollout.controller import RolloutState, Thresholds
+from gmesh.store.etcd import Store
+
+
+def row(caller: str, ok: int, backend: str = "orders", failed: int = 0) -> dict[str, Any]:
+    codes = {"OK": ok, **({"UNAVAILABLE": failed} if failed else {})}
+    return {"caller": caller, "door": "channel", "route": "", "backend": backend, "method": "/x.Y/Z",
+            "codes": codes, "buckets": {"10": ok + failed}, "sum": 0.0}  # fmt: skip
+
+
+async def publish(store: Store, keys: MeshKeys, process: str, at: float, rows: list[Any], **doc: Any) -> None:
+    await store.put(keys.stats("orders", process), json.dumps({"at": at, "calls": rows, **doc}).encode())
+
+
+async def test_rates_per_caller_from_two_publishes_of_each_process(
+    store: Store, mesh_keys: MeshKeys, config_kinds: KindRegistry
+) -> None:
+    view = MeshView(store, mesh_keys, config_kinds)
+    now = time.time()
+    await publish(store, mesh_keys, "p1", now - 5, [row("web", 100), row("", 10)])
+    await publish(store, mesh_keys, "p2", now - 5, [row("batch", 0)])
+    await view.poll()
+    assert view.edges() == {}  # one publish each: nothing to measure yet
+    await publish(store, mesh_keys, "p1", now, [row("web", 200), row("", 20)])  # 20/s and 2/s for 5 s
+    await publish(store, mesh_keys, "p2", now, [row("batch", 40, failed=10)])
+    await store.put(mesh_keys.stats("orders", "junk"), b"{not json")
+    await view.poll()
+    edges = {k: (round(r.rps, 3), r.signals.calls, r.signals.failures) for k, r in view.edges().items()}
+    assert edges == {
+        ("web", "orders"): (20.0, 100, 0),
+        (UNKNOWN, "orders"): (2.0, 10, 0),
+        ("batch", "orders"): (10.0, 50, 10),
+    }
+    assert round(view.total("orders").rps, 3) == 32.0
+    assert view.services() == ["orders"]
+
+    await store.delete(mesh_keys.stats("orders", "p2"))  # the process left (its lease went)
+    await view.poll()
+    assert ("batch", "orders") not in view.edges() and ("web", "orders") in view.edges()
+
+
+async def test_endpoint_views_combine_every_caller(
+    store: Store, mesh_keys: MeshKeys, config_kinds: KindRegistry
+) -> None:
+    view = MeshView(store, mesh_keys, config_kinds)
+    now = time.time()
+
+    def endpoint(address: str, **state: Any) -> dict[str, Any]:
+        base = {"address": address, "inflight": 1, "ewmaMs": 2.0, "attempts": 10, "failures": 0}
+        return {**base, "healthy": True, "ejected": False, "down": False, **state}
+
+    await publish(store, mesh_keys, "p1", now - 2, [row("a", 1)], endpoints=[endpoint("e1"), endpoint("e2")])
+    await publish(store, mesh_keys, "p2", now - 2, [row("b", 1)], endpoints=[endpoint("e1", ewmaMs=9.0)])
+    await view.poll()
+    await publish(store, mesh_keys, "p1", now, [row("a", 2)],
+                  endpoints=[endpoint("e1", attempts=30, failures=5), endpoint("e2", down=True)])  # fmt: skip
+    await publish(store, mesh_keys, "p2", now, [row("b", 2)],
+                  endpoints=[endpoint("e1", ewmaMs=9.0, ejected=True, inflight=3, attempts=20)])  # fmt: skip
+    await view.poll()
+    e1, e2 = view.endpoint_views["orders"]["e1"], view.endpoint_views["orders"]["e2"]
+    assert (e1.inflight, e1.ewma_ms, e1.seen_by, e1.state) == (4, 9.0, 2, "ejected")
+    assert (e1.attempts, e1.failures) == (30, 5)  # 20 + 10 attempts since the first publishes
+    assert e2.state == "unreachable" and e2.success_rate is None
+
+
+async def test_process_records_rollout_trends_and_behind(
+    store: Store, mesh_keys: MeshKeys, config_kinds: KindRegistry
+) -> None:
+    view = MeshView(store, mesh_keys, config_kinds)
+    await store.put(
+        mesh_keys.process("p1"), json.dumps({"process": "p1", "role": "proxy", "revision": 0}).encode()
+    )
+    await store.put(mesh_keys.processes_root + "bad", b"[")
+    state = RolloutState("orders", "v1", "v2", [10, 100], 30.0, Thresholds())
+    await store.put(mesh_keys.rollout("orders"), state.to_json())
+    now = time.time()
+    await publish(store, mesh_keys, "p1", now - 2, [row("a", 0, "orders/v1"), row("a", 0, "orders/v2")])
+    await view.poll()
+    await publish(
+        store, mesh_keys, "p1", now, [row("a", 90, "orders/v1"), row("a", 10, "orders/v2", failed=1)]
+    )
+    await view.poll()
+    assert list(view.processes) == ["p1"]
+    assert view.rollouts["orders"].weight == 10
+    _, point = view.trends["orders"][-1]
+    assert point["canary"]["calls"] == 11 and point["baseline"]["calls"] == 90
+    assert point["canary"]["successRate"] == round(10 / 11, 5)
+    assert not view.behind("p1")  # the catalog is not started: revision 0, nobody is behind it
+
+
+async def test_history_walks_back_every_version_and_the_diff_page_shows_two(
+    store: Store, mesh_keys: MeshKeys, config_kinds: KindRegistry
+) -> None:
+    key = mesh_keys.config("Route", "orders")
+    revisions = []
+    for weight in (100, 70, 30):
+        rules = [{"name": "d", "backends": [{"subset": "v1", "weight": weight}]}]
+        doc = {"kind": "Route", "metadata": {"name": "orders"}, "spec": {"service": "orders", "rules": rules}}
+        revisions.append(await store.put(key, json.dumps(doc).encode()))
+    versions, older = await store.history(key, 10)
+    assert [kv.mod_revision for kv in versions] == revisions[::-1] and not older
+    assert [kv.version for kv in versions] == [3, 2, 1]
+    versions, older = await store.history(key, 2)
+    assert len(versions) == 2 and older
+    await store.delete(key)
+    doc["spec"]["rules"][0]["backends"][0]["weight"] = 50
+    again = await store.put(key, json.dumps(doc).encode())
+    versions, older = await store.history(key, 10)
+    assert [kv.mod_revision for kv in versions] == [again] and not older  # since it was created again
+
+    view = MeshView(store, mesh_keys, config_kinds)
+    dashboard = Dashboard(view)
+    _, html = await dashboard.main("/config/Route/orders", {})
+    assert html.count('class="revision"') == 1 and "nothing to compare" in html
+
+
+def test_the_host_guard_admits_ip_literals_localhost_and_the_listen_name_only() -> None:
+    dashboard = Dashboard(None, hosts={"mesh.internal"})  # type: ignore[arg-type]
+    for host in (
+        "127.0.0.1:15080",
+        "localhost:15080",
+        "[::1]:15080",
+        "10.1.2.3",
+        "mesh.internal:80",
+        "LOCALHOST",
+    ):
+        assert dashboard.host_allowed(host), host
+    for host in ("evil.example", "evil.example:15080", "", "127.0.0.1.evil.example:1"):
+        assert not dashboard.host_allowed(host), host
