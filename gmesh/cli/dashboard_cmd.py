@@ -24,22 +24,32 @@ DEFAULT_LISTEN = "127.0.0.1:15080"
     is_flag=True,
     help="let the page act on the mesh (abort a rollout); off by default: the page only reads",
 )
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="a host name browsers may reach the dashboard by (repeatable), besides IP addresses, localhost "
+    "and the --listen host; others are refused (DNS rebinding)",
+)
 @mesh_options
-def dashboard(target: MeshTarget, listen: str, allow_writes: bool) -> None:
+def dashboard(target: MeshTarget, listen: str, allow_writes: bool, allow_hosts: tuple[str, ...]) -> None:
     """Serve a web dashboard of the mesh: service graph, services, rollouts, config, proxies.
 
     Pages update by themselves (server-sent events) within about two seconds of a change. Every
     number comes from what proxies and gmesh:/// channels already publish to etcd: the
-    dashboard reads etcd once a second, however many pages are open, and never calls a proxy.
-    Ctrl-C stops it.
+    dashboard watches the catalog and reads four key ranges once a second, however many pages
+    are open, and never calls a proxy. Ctrl-C stops it.
     """
     try:
-        run(serve_dashboard(target, listen, allow_writes))
+        run(serve_dashboard(target, listen, allow_writes, allow_hosts))
     except KeyboardInterrupt:
         sys.exit(0)
 
 
-async def serve_dashboard(target: MeshTarget, listen: str, allow_writes: bool) -> None:
+async def serve_dashboard(
+    target: MeshTarget, listen: str, allow_writes: bool, allow_hosts: tuple[str, ...] = ()
+) -> None:
     from gmesh.dashboard.app import serve
     from gmesh.dashboard.model import MeshView
     from gmesh.pluginmanager import Plugins
@@ -57,6 +67,6 @@ async def serve_dashboard(target: MeshTarget, listen: str, allow_writes: bool) -
             click.echo("writes are on: the page can abort rollouts" if allow_writes else "read-only")
             sys.stdout.flush()
 
-        await serve(view, listen, allow_writes=allow_writes, on_ready=ready)
+        await serve(view, listen, allow_writes=allow_writes, hosts=allow_hosts, on_ready=ready)
     finally:
         await store.close()

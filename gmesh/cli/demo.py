@@ -237,8 +237,9 @@ async def _keep(store: Store, config: EtcdConfig, keys: MeshKeys, kinds: Any, li
             state = rc.RolloutState(
                 "orders", baseline, canary, [10, 25, 50, 100], 15.0, rc.Thresholds(min_calls=10)
             )
-            await rc.run_canary(store, keys, kinds, state)
-            baseline, canary = canary, baseline
+            final = await rc.run_canary(store, keys, kinds, state)
+            if final.phase == rc.PROMOTED:  # else (aborted, rolled back) try the same again
+                baseline, canary = canary, baseline
 
     def ready(server: Any) -> None:
         click.secho(f"\ndashboard: {server.url}", bold=True)

@@ -17,7 +17,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 #: an idle event stream sends a comment this often (proxies and browsers keep it open)
 KEEPALIVE = 15.0
+#: the shortest time between two renders of one stream's page
+MIN_GAP = 0.5
+#: the largest form body read (the abort form holds one token)
+MAX_FORM = 4096
 
 NAV = (("/", "Graph"), ("/rollouts", "Rollouts"), ("/config", "Config"), ("/proxies", "Proxies"))
 
@@ -157,12 +161,18 @@ class Dashboard:
             try:
                 yield "retry: 1000\n\n"
                 sent = ""
+                last = 0.0
                 while not self.stopping.is_set():
+                    # at most two renders a second, however fast the catalog changes
+                    await asyncio.sleep(max(last + MIN_GAP - time.monotonic(), 0))
+                    last = time.monotonic()
                     version = self.view.version
                     main = await self.shared(path, query, version)
                     if main != sent:
                         sent = main
-                        data = "".join(f"data: {line}\n" for line in main.split("\n"))
+                        # EventSource ends a line at \n, \r or both: text from etcd may hold a \r
+                        lines = main.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+                        data = "".join(f"data: {line}\n" for line in lines)
                         yield f"event: main\n{data}\n"
                     await _first(self.view.wait(version, KEEPALIVE), self.stopping.wait())
                     if self.view.version == version and not self.stopping.is_set():
@@ -180,8 +190,14 @@ class Dashboard:
         if not self.allow_writes:
             return Response("writes are off: start gmesh dashboard with --allow-writes\n", status_code=403)
         # a urlencoded form of one field: parsed here (Starlette's form parser needs python-multipart)
-        form = parse_qs((await request.body())[:4096].decode("utf-8", "replace"))
-        if not secrets.compare_digest((form.get("token") or [""])[0], self.token):
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM:
+                return Response("form too large\n", status_code=413)
+        form = parse_qs(body.decode("utf-8", "replace"))
+        given = (form.get("token") or [""])[0].encode()
+        if not secrets.compare_digest(given, self.token.encode()):
             return Response("bad or missing form token\n", status_code=403)
         service = request.path_params["service"]
         from gmesh.rollout.controller import abort
@@ -192,7 +208,7 @@ class Dashboard:
         except GmeshError as exc:
             message = f"abort {service}: {exc}"
         view.notice = (message, time.time() + 15)
-        await view.poll()
+        view.touch()  # pages show the notice now, the rollout's new phase after the next read
         return RedirectResponse("/rollouts", status_code=303)
 
     async def api_graph(self, request: Request) -> Response:
@@ -301,6 +317,7 @@ class DashboardServer:
             proxy_headers=False,
             server_header=False,
             access_log=False,
+            timeout_graceful_shutdown=2,  # a stream to a client that stopped reading must not hold us
         )
         self.server = _Server(config)
         self._task: asyncio.Task[None] | None = None
@@ -320,7 +337,6 @@ class DashboardServer:
             raise AddressInUse(
                 f"the dashboard cannot listen on {self.host}:{self._port}: {exc.strerror}"
             ) from None
-        sock.set_inheritable(True)
         self.port = sock.getsockname()[1]
         self._task = asyncio.get_running_loop().create_task(
             self.server.serve(sockets=[sock]), name="gmesh-dashboard"
@@ -349,19 +365,21 @@ async def serve(
     listen: str,
     *,
     allow_writes: bool = False,
+    hosts: Iterable[str] = (),
     on_ready: Callable[[DashboardServer], None] | None = None,
     until: Awaitable[Any] | None = None,
 ) -> None:
-    """Start `view`, serve it on `listen` until `until` completes (or forever), then stop."""
+    """Start `view`, serve it on `listen` until `until` completes (or forever), then stop.
+    `hosts`: host names browsers may use besides IP addresses, localhost and the listen host."""
     host, _, port_text = listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     try:
         port = int(port_text)
     except ValueError:
         raise GmeshError(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:15080") from None
-    await view.start()
-    server = DashboardServer(Dashboard(view, allow_writes=allow_writes, hosts={host}), host, port)
+    server = DashboardServer(Dashboard(view, allow_writes=allow_writes, hosts={host, *hosts}), host, port)
     try:
+        await view.start()
         await server.start()
         if on_ready is not None:
             on_ready(server)

@@ -43,6 +43,8 @@ POLL = 1.0
 #: a process that published within this many seconds may still be counting (it publishes every
 #: second while its counters change): its window ends at its last publish, not now
 ACTIVE = 2.5
+#: a process publishes within this long of any change to its counters (1 s interval, plus the write)
+PUBLISH_LAG = 1.5
 #: points of a rollout's canary/baseline trend (one per poll: five minutes)
 TREND_POINTS = 300
 #: a process whose revision is behind the catalog's for longer than this is "behind"
@@ -57,7 +59,9 @@ UNKNOWN = "(unknown caller)"
 class Sample:
     """One published document of one process for one service."""
 
+    #: when the process published it (its clock), and when the dashboard first read it (ours)
     at: float
+    seen: float
     rows: dict[RowKey, Signals]
     #: address -> (attempts, failures)
     attempts: dict[str, tuple[int, int]]
@@ -124,20 +128,30 @@ class EndpointView:
 
 
 def _series_window(series: deque[Sample], now: float) -> tuple[Sample, Sample, float] | None:
-    """(start, end, seconds) of a process's window, or None when it has nothing to measure."""
+    """(start, end, seconds) of a process's window, or None when it has nothing to measure.
+
+    Times are the publisher's (`at`), except how long it has been quiet, which is measured on the
+    dashboard's clock (`seen`): machines' clocks differ. The window ends at the last publish while
+    the process may still be counting, else now (no publish since: no call since). It starts at
+    the last publish at least WINDOW before its end — or, when the process was quiet then, just
+    before the first publish after it (a process publishes within PUBLISH_LAG of any change: the
+    calls counted there all came after a quiet spell, not spread over it)."""
     if len(series) < 2:
         return None
     end = series[-1]
-    until = end.at if now - end.at <= ACTIVE else now
-    start = series[0]
-    for sample in series:
+    quiet = now - end.seen
+    until = end.at + (quiet if quiet > ACTIVE else 0.0)
+    first = 0
+    for i, sample in enumerate(series):
         if sample.at <= until - WINDOW:
-            start = sample
+            first = i
         else:
             break
+    start = series[first]
     if start is end:
         return None
-    seconds = until - start.at
+    begins = max(start.at, series[first + 1].at - PUBLISH_LAG)
+    seconds = until - begins
     return (start, end, seconds) if seconds >= 0.5 else None
 
 
@@ -149,13 +163,59 @@ def _changed(after: Signals, before: Signals | None) -> Signals:
     return change
 
 
-def _parse(service: str, doc: Mapping[str, Any]) -> Sample:
+def _num(value: Any, default: float = 0.0) -> float:
+    """A number from a published document, whatever was written there (bad data: `default`)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return default
+    return float(value)
+
+
+def _parse(service: str, doc: Mapping[str, Any], seen: float) -> Sample:
+    """One published document, its endpoint views reduced to the fields shown, with their types
+    (a record with wrong types counts as zeros and healthy: it cannot break a page)."""
     rows = golden.parse_rows(service, doc)
-    endpoints = [dict(e) for e in doc.get("endpoints", []) if isinstance(e, Mapping)]
-    attempts = {
-        str(e.get("address", "")): (int(e.get("attempts", 0)), int(e.get("failures", 0))) for e in endpoints
-    }
-    return Sample(float(doc.get("at", 0.0)), rows, attempts, endpoints)
+    raw = doc.get("endpoints", [])
+    endpoints: list[dict[str, Any]] = [
+        {
+            "address": str(e.get("address", "")),
+            "inflight": int(_num(e.get("inflight"))),
+            "ewmaMs": _num(e.get("ewmaMs")),
+            "attempts": int(_num(e.get("attempts"))),
+            "failures": int(_num(e.get("failures"))),
+            "healthy": e.get("healthy") is not False,
+            "ejected": e.get("ejected") is True,
+            "down": e.get("down") is True,
+        }
+        for e in (raw if isinstance(raw, list) else [])
+        if isinstance(e, Mapping)
+    ]
+    attempts = {e["address"]: (e["attempts"], e["failures"]) for e in endpoints}
+    at = doc.get("at")
+    if not isinstance(at, int | float):
+        raise ValueError("no publish time")
+    return Sample(float(at), seen, rows, attempts, endpoints)
+
+
+def _rollout(raw: bytes) -> RolloutState:
+    """A stored rollout state, its fields checked (ValueError when one has the wrong type)."""
+    state = RolloutState.from_json(raw)
+    steps = state.steps
+    ints = isinstance(steps, list) and steps and all(type(s) is int and 0 < s <= 100 for s in steps)
+    texts = (state.service, state.baseline, state.canary, state.phase, state.reason, state.controller)
+    t = state.thresholds
+    if (
+        not ints
+        or type(state.step) is not int
+        or not all(isinstance(x, str) for x in texts)
+        or not isinstance(state.history, list)
+        or not all(isinstance(x, str) for x in state.history)
+        or not isinstance(state.measured, dict)
+        or not all(isinstance(x, int | float) for x in (state.interval, state.started_at, t.max_error_rate))
+        or not isinstance(t.min_calls, int)
+        or not (t.max_latency_p99 is None or isinstance(t.max_latency_p99, int | float))
+    ):
+        raise ValueError("a field has the wrong type")
+    return state
 
 
 class MeshView:
@@ -177,6 +237,8 @@ class MeshView:
         self.trends: dict[str, deque[tuple[float, dict[str, Any]]]] = {}
         #: computed each poll
         self.rows: dict[RowKey, Rate] = {}
+        self.totals: dict[str, Rate] = {}
+        self._latest: tuple[MeshSnapshot | None, int] = (None, 0)
         self.endpoint_views: dict[str, dict[str, EndpointView]] = {}
         #: process -> since when its revision is behind the catalog's
         self._behind_since: dict[str, float] = {}
@@ -185,7 +247,7 @@ class MeshView:
         self.error_since = 0.0
         self.read_at = 0.0
         self.notice = ("", 0.0)
-        self._history: dict[tuple[str, str, int], tuple[list[KeyValue], bool]] = {}
+        self._history: dict[tuple[str, str, int], tuple[float, tuple[list[KeyValue], bool]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
         #: etcd reads made by the poll loop (the bench and tests)
@@ -196,7 +258,10 @@ class MeshView:
     async def start(self) -> None:
         self._unsubscribe = self.catalog.subscribe(lambda _snapshot: self._bump())
         await self.catalog.start(wait=5.0)
-        await self.poll()
+        try:
+            await self.poll()
+        except Exception:  # bad data must not keep the dashboard from starting
+            log.exception("dashboard poll failed")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="gmesh-dashboard-poll")
 
     async def close(self) -> None:
@@ -211,6 +276,10 @@ class MeshView:
     @property
     def snapshot(self) -> MeshSnapshot:
         return self.catalog.snapshot
+
+    def touch(self) -> None:
+        """Something pages show changed outside the model (a notice): render them again."""
+        self._bump()
 
     def _bump(self) -> None:
         self.version += 1
@@ -256,19 +325,21 @@ class MeshView:
         self.error = ""
         now = time.time()
         self.read_at = now
-        self._take_stats(stats[0], now)
-        self.processes = _records(processes[0], "process")
-        self.proxies = _records(proxies[0], "id")
-        states: dict[str, RolloutState] = {}
-        for kv in rollouts[0]:
-            try:
-                state = RolloutState.from_json(kv.value)
-                states[state.service] = state
-            except (ValueError, TypeError, KeyError):
-                log.warning("ignoring malformed rollout state at %s", kv.key)
-        self.rollouts = states
-        self._compute(now)
-        self._bump()
+        try:
+            self._take_stats(stats[0], now)
+            self.processes = _records(processes[0], "process")
+            self.proxies = _records(proxies[0], "id")
+            states: dict[str, RolloutState] = {}
+            for kv in rollouts[0]:
+                try:
+                    state = _rollout(kv.value)
+                    states[state.service] = state
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    log.warning("ignoring malformed rollout state at %s", kv.key)
+            self.rollouts = states
+            self._compute(now)
+        finally:
+            self._bump()  # whatever happened, pages show the time and the error state
 
     def _take_stats(self, kvs: Iterable[KeyValue], now: float) -> None:
         seen: set[tuple[str, str]] = set()
@@ -280,10 +351,10 @@ class MeshView:
             series = self.series.get(key)
             try:
                 doc = json.loads(kv.value)
-                at = float(doc.get("at", 0.0))
-                if series is not None and series and series[-1].at >= at:
+                at = doc.get("at")
+                if series is not None and series and isinstance(at, int | float) and series[-1].at >= at:
                     continue  # nothing new from it
-                sample = _parse(service, doc)
+                sample = _parse(service, doc, now)
             except (ValueError, TypeError, KeyError, AttributeError):
                 log.warning("ignoring malformed stats at %s", kv.key)
                 continue
@@ -291,7 +362,7 @@ class MeshView:
                 series = self.series[key] = deque()
             series.append(sample)
             # keep one sample older than the window (its start) and what is inside it
-            while len(series) > 2 and series[1].at <= now - WINDOW - ACTIVE:
+            while len(series) > 2 and series[1].seen <= now - WINDOW - 2 * ACTIVE:
                 series.popleft()
         for key in list(self.series):
             if key not in seen:  # the process is gone (its lease went with it)
@@ -303,16 +374,16 @@ class MeshView:
         for (service, _process), series in self.series.items():
             mine = views.setdefault(service, {})
             latest = series[-1]
-            if now - latest.at <= 60:  # a process idle for long says nothing current about them
+            if now - latest.seen <= 60:  # a process idle for long says nothing current about them
                 for e in latest.endpoints:
-                    address = str(e.get("address", ""))
+                    address = e["address"]
                     view = mine.get(address) or mine.setdefault(address, EndpointView(address))
                     view.seen_by += 1
-                    view.inflight += int(e.get("inflight", 0))
-                    view.ewma_ms = max(view.ewma_ms, float(e.get("ewmaMs", 0.0)))
-                    view.healthy = view.healthy and bool(e.get("healthy", True))
-                    view.ejected = view.ejected or bool(e.get("ejected", False))
-                    view.down = view.down or bool(e.get("down", False))
+                    view.inflight += e["inflight"]
+                    view.ewma_ms = max(view.ewma_ms, e["ewmaMs"])
+                    view.healthy = view.healthy and e["healthy"]
+                    view.ejected = view.ejected or e["ejected"]
+                    view.down = view.down or e["down"]
             found = _series_window(series, now)
             if found is None:
                 continue
@@ -330,6 +401,10 @@ class MeshView:
                 view.failures += failures
         self.rows = rows
         self.endpoint_views = views
+        totals: dict[str, Rate] = {}
+        for key, rate in rows.items():
+            totals.setdefault(key[0], Rate()).merge(rate)
+        self.totals = totals
         for service, state in self.rollouts.items():
             trend = self.trends.get(service)
             if state.phase not in ("running", "abort-requested"):
@@ -345,9 +420,9 @@ class MeshView:
                         rate.merge(r)
                 point[role] = rate.summary()
             trend.append((now, point))
-        revision = self.snapshot.revision
+        revision = self.latest_change()
         for process, record in self.processes.items():
-            if int(record.get("revision", 0)) < revision:
+            if record["revision"] < revision:
                 self._behind_since.setdefault(process, now)
             else:
                 self._behind_since.pop(process, None)
@@ -383,11 +458,23 @@ class MeshView:
         return out
 
     def total(self, service: str) -> Rate:
-        out = Rate()
-        for key, rate in self.rows.items():
-            if key[0] == service:
-                out.merge(rate)
-        return out
+        return self.totals.get(service) or Rate()
+
+    def latest_change(self) -> int:
+        """The etcd revision of the newest config resource or endpoint record the catalog holds: a
+        process serving a snapshot at least this recent has every change (a snapshot's own revision
+        may be etcd's revision at a read, higher than any change: not comparable across processes)."""
+        snapshot = self.snapshot
+        if self._latest[0] is not snapshot:
+            latest = 0
+            for by_name in snapshot.resources.values():
+                for resource in by_name.values():
+                    latest = max(latest, resource.revision)
+            for service in list(snapshot.endpoints):
+                for ep in snapshot.endpoints_of(service):
+                    latest = max(latest, ep.revision)
+            self._latest = (snapshot, latest)
+        return self._latest[1]
 
     def attached(self, service: str) -> list[Any]:
         """Every config resource that names `service` in its spec (Route, limits, policies...)."""
@@ -401,30 +488,38 @@ class MeshView:
         return out
 
     async def history(self, kind: str, name: str) -> tuple[list[KeyValue], bool]:
-        """The stored versions of one resource, newest first (cached per current revision)."""
+        """The stored versions of one resource, newest first, and whether older ones exist (cached
+        per current revision; one the catalog does not hold — deleted, refused — for 5 s)."""
         key = self.keys.config(kind, name)
         current = self.snapshot.resource(kind, name)
         revision = current.revision if current is not None else 0
         cached = self._history.get((kind, name, revision))
-        if cached is not None and revision:
-            return cached
+        if cached is not None and (revision or time.monotonic() - cached[0] < 5.0):
+            return cached[1]
         try:
             found = await self.store.history(key, HISTORY)
         except Compacted:
             found = ([], True)
         if len(self._history) > 256:
             self._history.clear()
-        self._history[(kind, name, revision)] = found
+        self._history[(kind, name, revision)] = (time.monotonic(), found)
         return found
 
 
 def _records(kvs: Iterable[KeyValue], id_field: str) -> dict[str, dict[str, Any]]:
+    """Process or proxy records, the fields pages use coerced to their types."""
     out: dict[str, dict[str, Any]] = {}
     for kv in kvs:
         try:
             doc = json.loads(kv.value)
-            if isinstance(doc, dict):
-                out[str(doc.get(id_field) or kv.key.rsplit("/", 1)[-1])] = doc
         except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
             log.warning("ignoring malformed record at %s", kv.key)
+            continue
+        services = doc.get("services")
+        doc["services"] = [str(s) for s in services] if isinstance(services, list) else []
+        doc["revision"] = int(_num(doc.get("revision")))
+        doc["startedAt"] = _num(doc.get("startedAt"), time.time())
+        out[str(doc.get(id_field) or kv.key.rsplit("/", 1)[-1])] = doc
     return out

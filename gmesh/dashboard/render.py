@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import yaml
 
-from gmesh.dashboard.model import MeshView, Rate
+from gmesh.dashboard.model import HISTORY, MeshView, Rate
 from gmesh.rollout.controller import RolloutState
 
 #: the graph is drawn up to this many nodes; above, the table alone
@@ -330,7 +330,8 @@ def page_service(view: MeshView, name: str) -> str:
     for resource in view.attached(name):
         rules = _route(resource) if resource.kind == "Route" else ""
         attached.append(
-            f'<details open><summary><a href="/config/{u(resource.kind)}/{u(resource.name)}">'
+            f'<details open data-key="{e(resource.ref)}">'
+            f'<summary><a href="/config/{u(resource.kind)}/{u(resource.name)}">'
             f"{e(resource.kind)}/{e(resource.name)}</a></summary>{rules}"
             f"{_yaml(resource.document()['spec'])}</details>"
         )
@@ -430,15 +431,13 @@ def _rollout(view: MeshView, state: RolloutState, writes: bool, token: str) -> s
     m = state.measured or {}
 
     def measured(role: str) -> str:
-        s = m.get(role) or {}
-        if not s or not s.get("calls"):
+        s = m.get(role)
+        if not isinstance(s, dict) or not isinstance(s.get("calls"), int) or not s["calls"]:
             return "no calls"
-        rate = s.get("error_rate")
-        p99 = s.get("p99")
-        return (
-            f"{e(s.get('calls', 0))} calls, {pct(rate) if rate is not None else '-'} errors, "
-            f"p99 {ms(p99 * 1000) if p99 is not None else '-'}"
-        )
+        rate, p99 = s.get("error_rate"), s.get("p99")
+        rate = rate if isinstance(rate, int | float) else None
+        p99 = p99 * 1000 if isinstance(p99, int | float) else None
+        return f"{s['calls']} calls, {pct(rate)} errors, p99 {ms(p99)}"
 
     if running and writes:
         action = (
@@ -458,7 +457,7 @@ def _rollout(view: MeshView, state: RolloutState, writes: bool, token: str) -> s
         f'<h2><a href="/services/{u(state.service)}">{e(state.service)}</a>: '
         f'{e(state.baseline)} → {e(state.canary)} <span class="phase">{e(state.phase)}</span></h2>'
         f'<p class="step">step {state.step + 1} of {len(state.steps)} '
-        f"({', '.join(f'{s}%' for s in state.steps)}): {e(state.canary)} {w}%, "
+        f"({e(', '.join(f'{s}%' for s in state.steps))}): {e(state.canary)} {w}%, "
         f"{e(state.baseline)} {100 - w}% · every {state.interval:g}s · {e(state.thresholds.describe())}</p>"
         f'<svg class="bar" width="360" height="14" viewBox="0 0 360 14"><rect class="all" width="360" '
         f'height="14" rx="7"/><rect class="canary-w" data-weight="{w}" width="{w * 3.6:.0f}" height="14" '
@@ -466,7 +465,8 @@ def _rollout(view: MeshView, state: RolloutState, writes: bool, token: str) -> s
         f"<p>Last step measured: canary {measured('canary')}; baseline {measured('baseline')}</p>"
         f'<p class="reason">{e(state.reason or "running")}</p>'
         f"{_trend(view, state.service) if running else ''}{action}"
-        f"<details><summary>history</summary><ul>{history}</ul></details></section>"
+        f'<details data-key="history:{e(state.service)}"><summary>history</summary><ul>{history}</ul>'
+        "</details></section>"
     )
 
 
@@ -532,7 +532,9 @@ async def page_resource(view: MeshView, kind: str, name: str, a: int | None, b: 
             + "</li>"
         )
     history = f'<h2>History</h2><ul class="history">{"".join(items)}</ul>' + (
-        '<p class="hint">Older revisions were compacted away by etcd.</p>' if older else ""
+        f'<p class="hint">Older revisions not shown: beyond the {HISTORY} newest, or compacted by etcd.</p>'
+        if older
+        else ""
     )
     if old is not None:
         lines = difflib.unified_diff(
@@ -575,12 +577,12 @@ def page_proxies(view: MeshView) -> str:
         rev = int(record.get("revision", 0))
         behind = view.behind(process, now)
         sync = f"behind ({rev} < {revision})" if behind else "in sync"
-        services = ", ".join(str(s) for s in record.get("services", [])[:8]) or "-"
+        services = ", ".join(record["services"][:8]) or "-"
         rows.append(
             f'<tr class="process {"bad" if behind else "ok"}" data-role="{e(record.get("role", ""))}">'
             f"<td>{e(record.get('role', '?'))}</td><td>{e(record.get('id', process))}</td>"
             f"<td>{e(record.get('host', ''))}</td><td>{e(record.get('pid', ''))}</td>"
-            f"<td>{rev}</td><td>{e(sync)}</td><td>{e(ago(now - float(record.get('startedAt', now))))}</td>"
+            f"<td>{rev}</td><td>{e(sync)}</td><td>{e(ago(now - record['startedAt']))}</td>"
             f"<td>{e(services)}</td></tr>"
         )
     proxies = []

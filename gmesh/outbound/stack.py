@@ -82,6 +82,16 @@ def _methods(snapshot: MeshSnapshot, service: str) -> Mapping[str, MethodKind]:
     return MappingProxyType(found) if found else _NO_METHODS
 
 
+#: endpoints per service a process publishes its view of (each ~150 bytes of JSON)
+ENDPOINT_VIEWS = 1000
+
+
+def _interest(view: dict[str, Any]) -> tuple[bool, int, str]:
+    """Endpoints out of service first, then the busiest."""
+    usable = view["healthy"] and not view["ejected"] and not view["down"]
+    return (usable, -int(view["inflight"]), str(view["address"]))
+
+
 class Outbound:
     """The outbound stack of one mesh in this process. Get one with `acquire()`."""
 
@@ -376,7 +386,9 @@ class Outbound:
         }
 
     def endpoint_views(self) -> dict[str, list[dict[str, Any]]]:
-        """service -> this process's view of each endpoint it called (for the published stats)."""
+        """service -> this process's view of its endpoints (for the published stats): at most
+        ENDPOINT_VIEWS per service, those out of service and the busiest first, so a document
+        stays far below etcd's request limit however large the service."""
         down: set[str] = set()
         for pool in self.pools():
             down.update(pool.down)
@@ -396,6 +408,10 @@ class Outbound:
                     "down": state.address in down,
                 }
             )
+        for views in out.values():
+            if len(views) > ENDPOINT_VIEWS:
+                views.sort(key=_interest)
+                del views[ENDPOINT_VIEWS:]
         return out
 
     def describe(self) -> dict[str, Any]:

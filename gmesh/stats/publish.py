@@ -10,7 +10,9 @@ documents changed since the last publish go out together in one transaction — 
 etcd revision) per process per second while traffic flows, none while idle; above 128 changed
 services or 1 MiB (etcd's default `--max-txn-ops` and `--max-request-bytes`) in several
 transactions. The process itself (`processes/<process>`: proxy or channel, the revision it
-serves, since when) goes in the same transaction when that changed.
+serves, since when) goes in the same transaction when that changed — so a process that calls
+nothing still writes once after each config or endpoint change it sees (at most once a second),
+as a proxy's own record does.
 """
 
 from __future__ import annotations

@@ -447,15 +447,17 @@ class Store:
         whether older ones exist that etcd compacted away (or that `limit` left out)."""
         versions: list[KeyValue] = []
         found = await self.get(key)
-        while found is not None and len(versions) < limit:
+        while found is not None:
             versions.append(found)
             if found.version <= 1:
-                return versions, False
+                return versions, False  # created here
+            if len(versions) >= limit:
+                return versions, True
             try:
                 found = await self.get_at(key, found.mod_revision - 1)
             except Compacted:
                 return versions, True
-        return versions, found is not None
+        return versions, False
 
     async def get_range(self, start: str, end: str | None = None) -> tuple[list[KeyValue], int]:
         """Every key in [start, end) (end None = all keys with prefix `start`), and the revision read at."""

@@ -11,8 +11,9 @@ from gmesh.stats.golden import RowKey, Signals
 KEY: RowKey = ("orders", "proxy", "", "orders", "/x.Y/Z", "web")
 
 
-def sample(at: float, calls: int) -> Sample:
-    return Sample(at, {KEY: Signals(codes={"OK": calls})}, {}, [])
+def sample(at: float, calls: int, skew: float = 0.0) -> Sample:
+    """Published at `at` by the process's clock; read by the dashboard `skew` seconds later by its own."""
+    return Sample(at, at + skew, {KEY: Signals(codes={"OK": calls})}, {}, [])
 
 
 def rate(series: deque[Sample], now: float) -> float | None:
@@ -39,6 +40,27 @@ def test_a_process_that_stopped_calling_falls_to_zero_over_the_window() -> None:
     assert rate(series, last + 0.5) == 10.0
     assert rate(series, last + ACTIVE + 1) < 10.0  # type: ignore[operator]
     assert rate(series, last + WINDOW + 1) is None  # the window holds no publish: nothing measured
+
+
+def test_after_a_quiet_spell_the_rate_is_of_the_calls_since_it_ended() -> None:
+    # 20/s, then nothing for 60 s (no publishes), then 20/s again: one second after traffic
+    # resumed the window starts just before the first new publish, not 60 s back
+    series = deque(sample(100 + i, i * 20) for i in range(10))
+    resumed = [sample(169 + i, 180 + (i + 1) * 20) for i in range(5)]
+    series.append(resumed[0])
+    assert 20 / (1 + 1.5) <= rate(series, 169.2) <= 20  # type: ignore[operator]
+    series.extend(resumed[1:])
+    assert rate(series, 173.2) == 100 / 5.5  # 4 more seconds: 100 calls since 167.5
+    for i in range(5, 15):
+        series.append(sample(169 + i, 180 + (i + 1) * 20))
+    assert rate(series, 183.2) == 20.0  # a full window after: exact again
+
+
+def test_a_publisher_whose_clock_is_off_is_measured_on_its_own_clock() -> None:
+    for skew in (-30.0, 30.0):  # its clock half a minute behind or ahead of the dashboard's
+        series = deque(sample(100 + i, i * 10, skew) for i in range(12))
+        assert rate(series, series[-1].seen + 0.5) == 10.0, skew
+        assert rate(series, series[-1].seen + WINDOW + 1) is None, skew  # quiet for a window: nothing
 
 
 def test_one_sample_is_no_rate_and_a_restart_counts_from_zero() -> None:

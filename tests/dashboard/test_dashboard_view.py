@@ -34,10 +34,14 @@ async def test_rates_per_caller_from_two_publishes_of_each_process(
     await publish(store, mesh_keys, "p2", now - 5, [row("batch", 0)])
     await view.poll()
     assert view.edges() == {}  # one publish each: nothing to measure yet
-    await publish(store, mesh_keys, "p1", now, [row("web", 200), row("", 20)])  # 20/s and 2/s for 5 s
-    await publish(store, mesh_keys, "p2", now, [row("batch", 40, failed=10)])
     await store.put(mesh_keys.stats("orders", "junk"), b"{not json")
-    await view.poll()
+    for second in range(4, -1, -1):  # a publish a second while they call: 20/s, 2/s and 10/s
+        done = 5 - second
+        await publish(
+            store, mesh_keys, "p1", now - second, [row("web", 100 + 20 * done), row("", 10 + 2 * done)]
+        )
+        await publish(store, mesh_keys, "p2", now - second, [row("batch", 8 * done, failed=2 * done)])
+        await view.poll()
     edges = {k: (round(r.rps, 3), r.signals.calls, r.signals.failures) for k, r in view.edges().items()}
     assert edges == {
         ("web", "orders"): (20.0, 100, 0),
@@ -140,3 +144,62 @@ def test_the_host_guard_admits_ip_literals_localhost_and_the_listen_name_only() 
         assert dashboard.host_allowed(host), host
     for host in ("evil.example", "evil.example:15080", "", "127.0.0.1.evil.example:1"):
         assert not dashboard.host_allowed(host), host
+
+
+async def test_records_with_wrong_types_are_skipped_or_coerced_and_every_page_renders(
+    store: Store, mesh_keys: MeshKeys, config_kinds: KindRegistry
+) -> None:
+    view = MeshView(store, mesh_keys, config_kinds)
+    now = time.time()
+    bad_endpoint = {"address": ["x"], "inflight": "many", "ewmaMs": None, "attempts": "1", "healthy": "no"}
+    await publish(store, mesh_keys, "p1", now - 2, [row("a", 1)], endpoints=[bad_endpoint, 7, "x"])
+    await publish(store, mesh_keys, "p2", "yesterday", [row("a", 1)])  # type: ignore[arg-type]
+    await store.put(mesh_keys.stats("orders", "p3"), json.dumps([1, 2]).encode())
+    await store.put(mesh_keys.stats("orders", "p4"), json.dumps({"at": now, "calls": [{"door": 1}]}).encode())
+    record = {
+        "process": "p1",
+        "role": ["proxy"],
+        "revision": "12",
+        "startedAt": "monday",
+        "services": "orders",
+    }
+    await store.put(mesh_keys.process("p1"), json.dumps(record).encode())
+    await store.put(mesh_keys.proxy("x"), json.dumps({"id": 5, "serving": "yes"}).encode())
+    good = json.loads(RolloutState("orders", "v1", "v2", [10, 100], 30.0, Thresholds()).to_json())
+    changes = (
+        ("steps", {"steps": ["<b>10</b>"]}),
+        ("empty", {"steps": []}),
+        ("reason", {"reason": 5}),
+        ("measured", {"measured": {"canary": {"calls": "x"}}}),
+    )
+    for name, change in changes:
+        await store.put(mesh_keys.rollout(name), json.dumps({**good, "service": name, **change}).encode())
+    await view.poll()
+    await view.poll()
+    assert set(view.rollouts) == {"measured"}  # wrong types skipped; a bad measurement shown as none
+    assert view.processes["p1"]["revision"] == 0 and view.processes["p1"]["services"] == []
+    dashboard = Dashboard(view)
+    for path in ("/", "/services/orders", "/rollouts", "/config", "/proxies", "/config/Route/x"):
+        _, html = await dashboard.main(path, {})
+        assert "<b>" not in html, path
+
+
+async def test_a_process_is_behind_only_while_it_misses_a_change(
+    store: Store, mesh_keys: MeshKeys, config_kinds: KindRegistry
+) -> None:
+    view = MeshView(store, mesh_keys, config_kinds)
+    await view.start()
+    try:
+        doc = {"kind": "Service", "metadata": {"name": "orders"}, "spec": {}}
+        changed = await store.put(mesh_keys.config("Service", "orders"), json.dumps(doc).encode())
+        await view.catalog.wait_for(lambda s: s.resource("Service", "orders") is not None, timeout=5)
+        for process, revision in (("late", changed - 1), ("current", changed), ("read-later", changed + 50)):
+            record = {"process": process, "role": "channel", "revision": revision}
+            await store.put(mesh_keys.process(process), json.dumps(record).encode())
+        await view.poll()
+        assert view.latest_change() == changed
+        later = time.time() + 10  # behind for longer than the grace
+        assert [p for p in ("late", "current", "read-later") if view.behind(p, later)] == ["late"]
+        assert not view.behind("late")  # not yet: it may be on its way
+    finally:
+        await view.close()

@@ -27,6 +27,7 @@ from playwright.async_api import Browser, Page, async_playwright
 import gmesh.aio
 from gmesh.discovery.endpoint import Endpoint
 from gmesh.discovery.keys import MeshKeys
+from gmesh.errors import StoreUnavailable
 from gmesh.rollout import controller as rc
 from gmesh.store.etcd import EtcdConfig, Put, Store
 from gmesh.testing.etcd import EtcdMember
@@ -262,7 +263,8 @@ async def _phase(page: Page, section: str) -> bool:
     return await attr(page, section, "data-phase") == rc.ABORTED
 
 
-HOSTILE = "<script>window.__xss=1</script>"
+#: markup that becomes an element (#pwned) if any text reaches the page unescaped, and a script
+HOSTILE = '<b id="pwned">x</b><script>window.__xss=1</script>'
 
 
 async def test_the_page_survives_bad_data_and_etcd_going_away(
@@ -287,56 +289,92 @@ async def test_the_page_survives_bad_data_and_etcd_going_away(
         hostile = json.loads(Endpoint("big", "127.0.0.9:9").to_json())
         hostile["labels"] = {"team": HOSTILE}
         await store.put(keys.endpoint("big", "127.0.0.9:9"), json.dumps(hostile).encode())
-        # a process publishing hostile names (a caller label, a method) and garbage
-        row = {"caller": HOSTILE, "door": "channel", "route": HOSTILE, "backend": "big", "method": HOSTILE,
-               "codes": {"OK": 5}, "buckets": {"3": 5}, "sum": 0.01}  # fmt: skip
-        evil = keys.stats("big", "evil")
-        await store.put(evil, json.dumps({"at": time.time() - 2, "calls": [row]}).encode())
+        # garbage and wrong types where processes publish
         await store.put(keys.stats("big", "junk"), b"{not json")
         await store.put(keys.processes_root + "junk", b"[1, 2")
+        await store.put(
+            keys.process("typo"), json.dumps({"revision": "12", "startedAt": "x", "services": 3}).encode()
+        )
+        # a running rollout whose names and reasons are markup, and one whose steps are
+        state = rc.RolloutState("big", "v1", HOSTILE, [10, 100], 30.0, rc.Thresholds(), reason=HOSTILE)
+        state.history = [HOSTILE]
+        await store.put(keys.rollout("big"), state.to_json())
+        await store.put(keys.rollout("bad"), json.dumps({**json.loads(state.to_json()), "service": "bad",
+                                                         "steps": [HOSTILE]}).encode())  # fmt: skip
 
-        async with dashboard(env) as url:
-            # the dashboard read the first sample at start: a second one makes an edge of it
-            row["codes"] = {"OK": 25}
-            await store.put(evil, json.dumps({"at": time.time(), "calls": [row]}).encode())
-            pages = {}
-            for name, path in (("graph", ""), ("big", "services/big"), ("empty", "services/empty"),
-                               ("longest", f"services/{longest}"), ("config", "config"),
-                               ("empty-yaml", "config/Service/empty"), ("proxies", "proxies")):  # fmt: skip
-                page, errors = await new_page(browser, url + path)
-                pages[name] = page
-                await page.screenshot(path=shot_path(f"bad-{name}"), full_page=True)
-                assert errors == [], (name, errors)
-                assert await page.evaluate("window.__xss") is None, name
-            big = pages["big"]
-            await until(lambda: _count(big, "table.endpoints tr.endpoint"), 10, "500 endpoints")
-            assert await big.locator("table.endpoints tr.endpoint").count() in (500, 501)
-            text = await big.content()
-            assert HOSTILE not in text and "&lt;script&gt;window.__xss=1&lt;/script&gt;" in text
-            assert "no endpoints registered" in await pages["empty"].locator("main").inner_text()
-            assert HOSTILE in await pages["empty-yaml"].locator("pre.yaml").inner_text()  # shown, as text
-            assert await pages["longest"].locator("h1").inner_text() == longest
-            graph = pages["graph"]
-            assert await graph.locator(f'svg.graph g.node[data-name="{longest}"]').count() == 1
-            hostile_edge = graph.locator("svg.graph g.edge", has_text="window.__xss")
-            await until(lambda: hostile_edge.count(), 10, "the hostile caller's edge")
-            assert await graph.locator("tr.edge-row td").first.inner_text() == HOSTILE  # text, not markup
-            assert await graph.evaluate("window.__xss") is None
+        async def evil_process() -> None:
+            """Publishes like a real process, once a second, with markup for names and junk endpoints."""
+            calls = 0
+            while True:
+                calls += 5
+                names = {"caller": HOSTILE, "door": "channel", "route": HOSTILE, "method": HOSTILE}
+                row = {
+                    **names,
+                    "backend": "big",
+                    "codes": {"OK": calls},
+                    "buckets": {"3": calls},
+                    "sum": 0.01,
+                }
+                junk = [{"address": HOSTILE, "inflight": "x", "ewmaMs": [1], "healthy": "no"}, 5]
+                doc = {"at": time.time(), "calls": [row], "endpoints": junk}
+                with contextlib.suppress(StoreUnavailable):  # etcd is stopped for a while below
+                    await store.put(keys.stats("big", "evil"), json.dumps(doc).encode())
+                await asyncio.sleep(1.0)
 
-            # etcd goes away: every page says so, keeps what it showed; it comes back: so does the page
-            etcd_member.stop()
-            stopped = time.monotonic()
-            await until(lambda: _count(graph, "#etcd-down"), 20, "the etcd banner")
-            assert await graph.locator(f'svg.graph g.node[data-name="{longest}"]').count() == 1
-            await graph.screenshot(path=shot_path("etcd-down"), full_page=True)
-            etcd_member.start()
-            await until(lambda: _none(graph, "#etcd-down"), 30, "the banner gone once etcd is back")
-            await store.put(keys.config("Service", "newcomer"), json.dumps(
-                {"kind": "Service", "metadata": {"name": "newcomer"}, "spec": {}}).encode())  # fmt: skip
-            await until(lambda: _count(graph, 'svg.graph g.node[data-name="newcomer"]'), 20, "live again")
-            assert time.monotonic() - stopped < 60
-            for page in pages.values():
-                await page.close()
+        publisher = asyncio.get_running_loop().create_task(evil_process())
+        try:
+            async with dashboard(env) as url:
+                pages = {}
+                for name, path in (("graph", ""), ("big", "services/big"), ("empty", "services/empty"),
+                                   ("longest", f"services/{longest}"), ("config", "config"),
+                                   ("empty-yaml", "config/Service/empty"), ("rollouts", "rollouts"),
+                                   ("proxies", "proxies")):  # fmt: skip
+                    page, errors = await new_page(browser, url + path)
+                    pages[name] = page
+                    assert errors == [], (name, errors)
+                graph = pages["graph"]
+                hostile_edge = graph.locator("svg.graph g.edge", has_text="window.__xss")
+                await until(lambda: hostile_edge.count(), 15, "the hostile caller's edge")
+                assert await graph.locator("tr.edge-row td").first.inner_text() == HOSTILE  # text, not markup
+                assert await graph.locator(f'svg.graph g.node[data-name="{longest}"]').count() == 1
+                big = pages["big"]
+                await until(lambda: _count(big, "table.endpoints tr.endpoint"), 10, "500 endpoints")
+                registered = 'table.endpoints tr.endpoint:not([data-state="deregistered"])'
+                assert await big.locator(registered).count() == 501
+                assert HOSTILE in await big.locator("table.endpoints").inner_text()  # the label, as text
+                assert "no endpoints registered" in await pages["empty"].locator("main").inner_text()
+                assert HOSTILE in await pages["empty-yaml"].locator("pre.yaml").inner_text()
+                assert await pages["longest"].locator("h1").inner_text() == longest
+                rollouts = pages["rollouts"]
+                assert await rollouts.locator("section.rollout").count() == 1  # the bad one skipped
+                assert (
+                    HOSTILE in await rollouts.locator('section.rollout[data-service="big"] h2').inner_text()
+                )
+                assert HOSTILE in await rollouts.locator("p.reason").inner_text()
+                await asyncio.sleep(1.5)  # a live update or two over every page
+                for name, page in pages.items():
+                    await page.screenshot(path=shot_path(f"bad-{name}"), full_page=True)
+                    assert await page.locator("#pwned").count() == 0, name  # no markup from etcd, ever
+                    assert await page.evaluate("window.__xss") is None, name
+
+                # etcd goes away: every page says so and keeps what it showed; back: so is the page
+                etcd_member.stop()
+                stopped = time.monotonic()
+                await until(lambda: _count(graph, "#etcd-down"), 20, "the etcd banner")
+                assert await graph.locator(f'svg.graph g.node[data-name="{longest}"]').count() == 1
+                await graph.screenshot(path=shot_path("etcd-down"), full_page=True)
+                etcd_member.start()
+                await until(lambda: _none(graph, "#etcd-down"), 30, "the banner gone once etcd is back")
+                await store.put(keys.config("Service", "newcomer"), json.dumps(
+                    {"kind": "Service", "metadata": {"name": "newcomer"}, "spec": {}}).encode())  # fmt: skip
+                await until(lambda: _count(graph, 'svg.graph g.node[data-name="newcomer"]'), 20, "live again")
+                assert time.monotonic() - stopped < 60
+                for page in pages.values():
+                    await page.close()
+        finally:
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
 
 
 async def _count(page: Page, selector: str) -> int:

@@ -10,14 +10,16 @@
     live.textContent = text;
     live.className = "live " + cls;
   };
+  // what the reader opened or closed stays so across updates
+  const folded = new Map();
+  main.addEventListener("toggle", (ev) => {
+    const d = ev.target;
+    if (d.dataset && d.dataset.key) folded.set(d.dataset.key, d.open);
+  }, true);
   events.addEventListener("main", (ev) => {
-    const open = new Set();
-    main.querySelectorAll("details[data-key]").forEach((d) => {
-      if (d.open) open.add(d.dataset.key);
-    });
     main.innerHTML = ev.data;
     main.querySelectorAll("details[data-key]").forEach((d) => {
-      if (open.has(d.dataset.key)) d.open = true;
+      if (folded.has(d.dataset.key)) d.open = folded.get(d.dataset.key);
     });
     main.dataset.updated = String(Date.now());
     say("live", "ok");
