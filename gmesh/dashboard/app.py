@@ -69,7 +69,7 @@ class Dashboard:
         #: (path, query) -> (model version, <main> HTML): streams of one page share a render
         self._rendered: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[int, str]] = {}
         self._js, self._css = _static("app.js"), _static("app.css")
-        self.app = Starlette(
+        self.routes = Starlette(
             routes=[
                 Route("/", self.page),
                 Route("/services/{name}", self.page),
@@ -86,7 +86,8 @@ class Dashboard:
                 Route("/static/app.css", self.static_css),
             ],
         )
-        self.app.add_middleware(_Guard, dashboard=self)
+        #: what uvicorn serves: the guard outside everything, so error pages get its headers too
+        self.app = _Guard(self.routes, self)
 
     # -- rendering ---------------------------------------------------------------------------
 
