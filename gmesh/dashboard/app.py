@@ -261,9 +261,6 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if not self.dashboard.host_allowed(headers.get("host", "")):
-            await Response("unknown Host\n", status_code=421)(scope, receive, send)
-            return
 
         async def secured(message: Any) -> None:
             if message["type"] == "http.response.start":
@@ -276,6 +273,9 @@ class _Guard:
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
+        if not self.dashboard.host_allowed(headers.get("host", "")):
+            await Response("unknown Host\n", status_code=421)(scope, receive, secured)
+            return
         await self.app(scope, receive, secured)
 
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -26,12 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gmesh.config.kinds import KindRegistry
-from gmesh.discovery.catalog import Catalog, MeshSnapshot
+from gmesh.discovery.catalog import Catalog, EndpointTable, MeshSnapshot
 from gmesh.discovery.keys import MeshKeys
 from gmesh.errors import StoreUnavailable
 from gmesh.rollout.controller import RolloutState
 from gmesh.stats import golden
 from gmesh.stats.golden import RowKey, Signals
+from gmesh.stats.publish import ENDPOINT_VIEWS
 from gmesh.store.etcd import Compacted, KeyValue, Store
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,9 @@ POLL = 1.0
 #: a process that published within this many seconds may still be counting (it publishes every
 #: second while its counters change): its window ends at its last publish, not now
 ACTIVE = 2.5
-#: a process publishes within this long of any change to its counters (1 s interval, plus the write)
-PUBLISH_LAG = 1.5
+#: a process publishes within this long of any change to its counters (its 1 s tick): for
+#: publishers that do not say `since`
+PUBLISH_LAG = 1.0
 #: points of a rollout's canary/baseline trend (one per poll: five minutes)
 TREND_POINTS = 300
 #: a process whose revision is behind the catalog's for longer than this is "behind"
@@ -59,7 +62,8 @@ UNKNOWN = "(unknown caller)"
 class Sample:
     """One published document of one process for one service."""
 
-    #: when the process published it (its clock), and when the dashboard first read it (ours)
+    #: when the process published it (its clock), when the dashboard first read it (ours), and when
+    #: etcd last held the process's previous counters (its clock; None from older publishers)
     at: float
     seen: float
     rows: dict[RowKey, Signals]
@@ -67,6 +71,9 @@ class Sample:
     attempts: dict[str, tuple[int, int]]
     #: this process's view of each endpoint (as published)
     endpoints: list[dict[str, Any]]
+    since: float | None = None
+    #: the etcd revision of the document (a new one is a new revision, whatever its clock says)
+    revision: int = 0
 
 
 @dataclass
@@ -133,9 +140,9 @@ def _series_window(series: deque[Sample], now: float) -> tuple[Sample, Sample, f
     Times are the publisher's (`at`), except how long it has been quiet, which is measured on the
     dashboard's clock (`seen`): machines' clocks differ. The window ends at the last publish while
     the process may still be counting, else now (no publish since: no call since). It starts at
-    the last publish at least WINDOW before its end — or, when the process was quiet then, just
-    before the first publish after it (a process publishes within PUBLISH_LAG of any change: the
-    calls counted there all came after a quiet spell, not spread over it)."""
+    the last publish at least WINDOW before its end — or, when the next publish came more than a
+    window later (a quiet spell), where etcd last held the counters before that publish (`since`:
+    the process's previous tick), so a caller that resumes shows its rate at once, not a tenth."""
     if len(series) < 2:
         return None
     end = series[-1]
@@ -150,7 +157,11 @@ def _series_window(series: deque[Sample], now: float) -> tuple[Sample, Sample, f
     start = series[first]
     if start is end:
         return None
-    begins = max(start.at, series[first + 1].at - PUBLISH_LAG)
+    following = series[first + 1]
+    begins = start.at
+    if following.at - start.at > WINDOW:  # quiet for longer than the window: calling resumed lately
+        begins = following.since if following.since is not None else following.at - PUBLISH_LAG
+        begins = max(begins, start.at)
     seconds = until - begins
     return (start, end, seconds) if seconds >= 0.5 else None
 
@@ -163,14 +174,22 @@ def _changed(after: Signals, before: Signals | None) -> Signals:
     return change
 
 
+#: the largest magnitude a number from etcd may have here (beyond: bad data)
+MAX_NUMBER = 1e15
+
+
 def _num(value: Any, default: float = 0.0) -> float:
     """A number from a published document, whatever was written there (bad data: `default`)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return default
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        return default
+    return number if math.isfinite(number) and abs(number) <= MAX_NUMBER else default
 
 
-def _parse(service: str, doc: Mapping[str, Any], seen: float) -> Sample:
+def _parse(service: str, doc: Mapping[str, Any], seen: float, revision: int = 0) -> Sample:
     """One published document, its endpoint views reduced to the fields shown, with their types
     (a record with wrong types counts as zeros and healthy: it cannot break a page)."""
     rows = golden.parse_rows(service, doc)
@@ -190,10 +209,11 @@ def _parse(service: str, doc: Mapping[str, Any], seen: float) -> Sample:
         if isinstance(e, Mapping)
     ]
     attempts = {e["address"]: (e["attempts"], e["failures"]) for e in endpoints}
-    at = doc.get("at")
-    if not isinstance(at, int | float):
+    at = _num(doc.get("at"), -1.0)
+    if at < 0:
         raise ValueError("no publish time")
-    return Sample(float(at), seen, rows, attempts, endpoints)
+    since = _num(doc.get("since"), -1.0)
+    return Sample(at, seen, rows, attempts, endpoints, since if 0 <= since <= at else None, revision)
 
 
 def _rollout(raw: bytes) -> RolloutState:
@@ -203,16 +223,22 @@ def _rollout(raw: bytes) -> RolloutState:
     ints = isinstance(steps, list) and steps and all(type(s) is int and 0 < s <= 100 for s in steps)
     texts = (state.service, state.baseline, state.canary, state.phase, state.reason, state.controller)
     t = state.thresholds
+    numbers = (state.interval, state.started_at, t.max_error_rate)
+
+    def number(x: Any) -> bool:
+        return _num(x, math.nan) == _num(x, 0.0)  # a finite, bounded number
+
     if (
         not ints
         or type(state.step) is not int
+        or not 0 <= state.step <= MAX_NUMBER
         or not all(isinstance(x, str) for x in texts)
         or not isinstance(state.history, list)
         or not all(isinstance(x, str) for x in state.history)
         or not isinstance(state.measured, dict)
-        or not all(isinstance(x, int | float) for x in (state.interval, state.started_at, t.max_error_rate))
-        or not isinstance(t.min_calls, int)
-        or not (t.max_latency_p99 is None or isinstance(t.max_latency_p99, int | float))
+        or not all(number(x) for x in numbers)
+        or type(t.min_calls) is not int
+        or not (t.max_latency_p99 is None or number(t.max_latency_p99))
     ):
         raise ValueError("a field has the wrong type")
     return state
@@ -240,8 +266,8 @@ class MeshView:
         self.totals: dict[str, Rate] = {}
         self._latest: tuple[MeshSnapshot | None, int] = (None, 0)
         self.endpoint_views: dict[str, dict[str, EndpointView]] = {}
-        #: process -> since when its revision is behind the catalog's
-        self._behind_since: dict[str, float] = {}
+        #: (when the dashboard saw it, revision) of the newest config or endpoint change, recent ones
+        self._changes: deque[tuple[float, int]] = deque()
         #: "" while etcd answers; else what failed, and since when (wall time)
         self.error = ""
         self.error_since = 0.0
@@ -334,7 +360,7 @@ class MeshView:
                 try:
                     state = _rollout(kv.value)
                     states[state.service] = state
-                except (ValueError, TypeError, KeyError, AttributeError):
+                except Exception:  # wrong types, huge numbers, deep nesting: skip it
                     log.warning("ignoring malformed rollout state at %s", kv.key)
             self.rollouts = states
             self._compute(now)
@@ -349,17 +375,15 @@ class MeshView:
             key = (service, process)
             seen.add(key)
             series = self.series.get(key)
+            if series and series[-1].revision == kv.mod_revision:
+                continue  # nothing new from it
             try:
-                doc = json.loads(kv.value)
-                at = doc.get("at")
-                if series is not None and series and isinstance(at, int | float) and series[-1].at >= at:
-                    continue  # nothing new from it
-                sample = _parse(service, doc, now)
-            except (ValueError, TypeError, KeyError, AttributeError):
+                sample = _parse(service, json.loads(kv.value), now, kv.mod_revision)
+            except Exception:  # anything at all (wrong types, huge numbers, deep nesting): skip it
                 log.warning("ignoring malformed stats at %s", kv.key)
                 continue
-            if series is None:
-                series = self.series[key] = deque()
+            if series is None or (series and sample.at <= series[-1].at):
+                series = self.series[key] = deque()  # new, or its clock went back: start again
             series.append(sample)
             # keep one sample older than the window (its start) and what is inside it
             while len(series) > 2 and series[1].seen <= now - WINDOW - 2 * ACTIVE:
@@ -392,8 +416,13 @@ class MeshView:
                 change = _changed(signals, start.rows.get(key))
                 if change.calls:
                     rows.setdefault(key, Rate()).add(change, seconds)
+            capped = len(start.endpoints) >= ENDPOINT_VIEWS
             for address, (attempts, failures) in end.attempts.items():
-                before = start.attempts.get(address, (0, 0))
+                before = start.attempts.get(address)
+                if before is None:
+                    if capped:  # left out of that publish, not new: its counts are not all recent
+                        continue
+                    before = (0, 0)
                 if attempts >= before[0]:
                     attempts, failures = attempts - before[0], failures - before[1]
                 view = mine.get(address) or mine.setdefault(address, EndpointView(address))
@@ -420,21 +449,24 @@ class MeshView:
                         rate.merge(r)
                 point[role] = rate.summary()
             trend.append((now, point))
-        revision = self.latest_change()
-        for process, record in self.processes.items():
-            if record["revision"] < revision:
-                self._behind_since.setdefault(process, now)
-            else:
-                self._behind_since.pop(process, None)
-        for process in list(self._behind_since):
-            if process not in self.processes:
-                del self._behind_since[process]
+        newest = self.latest_change()
+        changes = self._changes
+        if not changes or changes[-1][1] != newest:
+            changes.append((now, newest))
+        while len(changes) > 1 and changes[1][0] <= now - BEHIND_AFTER:
+            changes.popleft()  # the oldest one still needed: the newest at least BEHIND_AFTER old
 
     # -- questions pages ask ----------------------------------------------------------------
 
     def behind(self, process: str, now: float | None = None) -> bool:
-        since = self._behind_since.get(process)
-        return since is not None and (now or time.time()) - since > BEHIND_AFTER
+        """Whether `process` misses a change the dashboard has known for BEHIND_AFTER seconds (a
+        process records its revision at most once a second: a fresh change is not missed yet)."""
+        record = self.processes.get(process)
+        if record is None:
+            return False
+        now = time.time() if now is None else now
+        known = [revision for seen, revision in self._changes if seen <= now - BEHIND_AFTER]
+        return bool(known) and record["revision"] < known[-1]
 
     def services(self) -> list[str]:
         """Every service the mesh knows: configured, registered, or called."""
@@ -470,9 +502,13 @@ class MeshView:
             for by_name in snapshot.resources.values():
                 for resource in by_name.values():
                     latest = max(latest, resource.revision)
-            for service in list(snapshot.endpoints):
-                for ep in snapshot.endpoints_of(service):
-                    latest = max(latest, ep.revision)
+            table = snapshot.endpoints
+            for service in list(table):
+                members = table.members(service) if isinstance(table, EndpointTable) else None
+                if members is not None:  # the stored records: no need to parse them
+                    latest = max([latest, *(kv.mod_revision for kv in members.kvs)])
+                else:
+                    latest = max([latest, *(ep.revision for ep in snapshot.endpoints_of(service))])
             self._latest = (snapshot, latest)
         return self._latest[1]
 
@@ -512,7 +548,7 @@ def _records(kvs: Iterable[KeyValue], id_field: str) -> dict[str, dict[str, Any]
     for kv in kvs:
         try:
             doc = json.loads(kv.value)
-        except ValueError:
+        except Exception:  # not JSON, or nested too deep
             doc = None
         if not isinstance(doc, dict):
             log.warning("ignoring malformed record at %s", kv.key)

@@ -396,6 +396,17 @@ def _spark(points: Sequence[tuple[float, float | None]], cls: str, top: float) -
     return f'<polyline class="{cls}" points="{" ".join(coords)}"/>' if len(coords) > 1 else ""
 
 
+def _finite(value: Any) -> float | None:
+    """A number written by someone else, if it is one we can print."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if abs(number) < 1e15 else None  # NaN and infinities fail this too
+
+
 def _trend(view: MeshView, service: str) -> str:
     trend = list(view.trends.get(service, ()))
     if len(trend) < 2:
@@ -432,12 +443,11 @@ def _rollout(view: MeshView, state: RolloutState, writes: bool, token: str) -> s
 
     def measured(role: str) -> str:
         s = m.get(role)
-        if not isinstance(s, dict) or not isinstance(s.get("calls"), int) or not s["calls"]:
+        calls = _finite(s.get("calls")) if isinstance(s, dict) else None
+        if not isinstance(s, dict) or not calls:
             return "no calls"
-        rate, p99 = s.get("error_rate"), s.get("p99")
-        rate = rate if isinstance(rate, int | float) else None
-        p99 = p99 * 1000 if isinstance(p99, int | float) else None
-        return f"{s['calls']} calls, {pct(rate)} errors, p99 {ms(p99)}"
+        rate, p99 = _finite(s.get("error_rate")), _finite(s.get("p99"))
+        return f"{calls:.0f} calls, {pct(rate)} errors, p99 {ms(None if p99 is None else p99 * 1000)}"
 
     if running and writes:
         action = (
@@ -474,7 +484,14 @@ def page_rollouts(view: MeshView, writes: bool, token: str) -> str:
     states = sorted(
         view.rollouts.values(), key=lambda s: (s.phase not in ("running", "abort-requested"), s.service)
     )
-    body = "".join(_rollout(view, s, writes, token) for s in states)
+    parts = []
+    for state in states:
+        try:
+            parts.append(_rollout(view, state, writes, token))
+        except Exception:  # a state nobody foresaw must not take the page with it
+            parts.append(f'<section class="rollout"><h2>{e(state.service)}</h2><p class="empty">This '
+                         "rollout's stored state could not be shown.</p></section>")  # fmt: skip
+    body = "".join(parts)
     return "<h1>Rollouts</h1>" + (
         body
         or '<p class="empty">No rollouts. Start one with <code>gmesh rollout canary SERVICE …</code>.</p>'
@@ -569,7 +586,7 @@ async def page_resource(view: MeshView, kind: str, name: str, a: int | None, b: 
 
 def page_proxies(view: MeshView) -> str:
     now = time.time()
-    revision = view.snapshot.revision
+    revision = view.latest_change()
     rows = []
     for process, record in sorted(
         view.processes.items(), key=lambda item: (str(item[1].get("role")), item[0])
@@ -597,8 +614,8 @@ def page_proxies(view: MeshView) -> str:
         ]
         proxies.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
     return (
-        f'<h1>Proxies and channel processes</h1><p class="hint">Catalog revision {revision}; a process '
-        f"still behind it after a few seconds shows as behind.</p>"
+        f'<h1>Proxies and channel processes</h1><p class="hint">The newest config or endpoint change is '
+        f"at revision {revision}; a process still serving an older one after a few seconds is behind.</p>"
         + table(
             ["ROLE", "ID", "HOST", "PID", "REVISION", "SYNC", "UPTIME", "CALLING"],
             rows,

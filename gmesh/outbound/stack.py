@@ -42,7 +42,7 @@ from gmesh.outbound.pool import EndpointConn, EndpointPool, Profile
 from gmesh.routing.table import compile_table
 from gmesh.stats.backend import PROCESS
 from gmesh.stats.metrics import known_methods
-from gmesh.stats.publish import StatsPublisher
+from gmesh.stats.publish import ENDPOINT_VIEWS, StatsPublisher
 
 if TYPE_CHECKING:
     from gmesh.pluginmanager import Plugins
@@ -82,14 +82,11 @@ def _methods(snapshot: MeshSnapshot, service: str) -> Mapping[str, MethodKind]:
     return MappingProxyType(found) if found else _NO_METHODS
 
 
-#: endpoints per service a process publishes its view of (each ~150 bytes of JSON)
-ENDPOINT_VIEWS = 1000
-
-
 def _interest(view: dict[str, Any]) -> tuple[bool, int, str]:
-    """Endpoints out of service first, then the busiest."""
+    """Endpoints out of service first, then those with the most attempts so far (a ranking that
+    changes slowly: the set published stays the same from one second to the next)."""
     usable = view["healthy"] and not view["ejected"] and not view["down"]
-    return (usable, -int(view["inflight"]), str(view["address"]))
+    return (usable, -int(view["attempts"]), str(view["address"]))
 
 
 class Outbound:
@@ -387,7 +384,7 @@ class Outbound:
 
     def endpoint_views(self) -> dict[str, list[dict[str, Any]]]:
         """service -> this process's view of its endpoints (for the published stats): at most
-        ENDPOINT_VIEWS per service, those out of service and the busiest first, so a document
+        ENDPOINT_VIEWS per service, those out of service and the most used first, so a document
         stays far below etcd's request limit however large the service."""
         down: set[str] = set()
         for pool in self.pools():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -79,12 +80,26 @@ class Signals:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Signals:
+        """One published row (ValueError when a count is not a count: anyone may write etcd)."""
         buckets = [0] * (len(BOUNDS) + 1)
         for i, n in dict(row.get("buckets", {})).items():
             if 0 <= int(i) < len(buckets):
-                buckets[int(i)] = int(n)
-        codes = {str(k): int(v) for k, v in dict(row.get("codes", {})).items()}
-        return cls(codes, buckets, float(row.get("sum", 0.0)))
+                buckets[int(i)] = _count(n)
+        codes = {str(k): _count(v) for k, v in dict(row.get("codes", {})).items()}
+        total = float(row.get("sum", 0.0))
+        if not math.isfinite(total):
+            raise ValueError(f"sum {total}")
+        return cls(codes, buckets, total)
+
+
+#: no process counts more calls than this (2**53: exact as a float)
+MAX_COUNT = 1 << 53
+
+
+def _count(value: Any) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"not a count: {value!r:.40}")
+    return value
 
 
 #: process -> row key -> cumulative signals

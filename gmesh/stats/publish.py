@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Endpoints per service a process publishes its view of (each ~150 bytes of JSON).
+ENDPOINT_VIEWS = 1000
 #: Puts per transaction (etcd's default --max-txn-ops).
 MAX_TXN_OPS = 128
 #: Bytes per transaction (etcd's default --max-request-bytes is 1.5 MiB).
@@ -81,6 +83,8 @@ class StatsPublisher:
         self._lease = 0
         self._keeper: LeaseKeeper | None = None
         self._published: dict[str, str] = {}
+        #: service -> when etcd last held exactly this process's counters (published, or unchanged since)
+        self._synced: dict[str, float] = {}
         #: etcd writes (transactions) made, for tests and the bench
         self.writes = 0
         self._warned = -1e9
@@ -102,6 +106,7 @@ class StatsPublisher:
     def _lost(self) -> None:
         self._lease = 0
         self._published.clear()
+        self._synced.clear()
         self._process_published = ""
 
     async def _run(self) -> None:
@@ -139,8 +144,13 @@ class StatsPublisher:
         for service, doc in self.documents().items():
             unchanged = json.dumps(doc, sort_keys=True)
             if self._published.get(service) == unchanged:
+                self._synced[service] = now
                 continue
-            body = json.dumps({"process": PROCESS, "at": now, **doc}, sort_keys=True)
+            # `since`: when etcd last held exactly what this process had counted (its last publish,
+            # or a later tick with nothing new): every call in this document came after it
+            since = self._synced.get(service)
+            extra = {"at": now} if since is None else {"at": now, "since": since}
+            body = json.dumps({"process": PROCESS, **extra, **doc}, sort_keys=True)
             changed[service] = (unchanged, body)
         record = ""
         if self._process is not None:
@@ -165,5 +175,6 @@ class StatsPublisher:
             self.writes += 1
             for service, (unchanged, _) in chunk:
                 self._published[service] = unchanged
+                self._synced[service] = now
         if record:
             self._process_published = record

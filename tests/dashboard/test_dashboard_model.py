@@ -11,9 +11,9 @@ from gmesh.stats.golden import RowKey, Signals
 KEY: RowKey = ("orders", "proxy", "", "orders", "/x.Y/Z", "web")
 
 
-def sample(at: float, calls: int, skew: float = 0.0) -> Sample:
+def sample(at: float, calls: int, skew: float = 0.0, since: float | None = None) -> Sample:
     """Published at `at` by the process's clock; read by the dashboard `skew` seconds later by its own."""
-    return Sample(at, at + skew, {KEY: Signals(codes={"OK": calls})}, {}, [])
+    return Sample(at, at + skew, {KEY: Signals(codes={"OK": calls})}, {}, [], since)
 
 
 def rate(series: deque[Sample], now: float) -> float | None:
@@ -43,17 +43,28 @@ def test_a_process_that_stopped_calling_falls_to_zero_over_the_window() -> None:
 
 
 def test_after_a_quiet_spell_the_rate_is_of_the_calls_since_it_ended() -> None:
-    # 20/s, then nothing for 60 s (no publishes), then 20/s again: one second after traffic
-    # resumed the window starts just before the first new publish, not 60 s back
+    # 20/s, then nothing for 60 s (no publishes), then 20/s again: the window starts at the
+    # publisher's tick before the first new publish (`since`), not 60 s back
     series = deque(sample(100 + i, i * 20) for i in range(10))
-    resumed = [sample(169 + i, 180 + (i + 1) * 20) for i in range(5)]
-    series.append(resumed[0])
-    assert 20 / (1 + 1.5) <= rate(series, 169.2) <= 20  # type: ignore[operator]
-    series.extend(resumed[1:])
-    assert rate(series, 173.2) == 100 / 5.5  # 4 more seconds: 100 calls since 167.5
-    for i in range(5, 15):
-        series.append(sample(169 + i, 180 + (i + 1) * 20))
-    assert rate(series, 183.2) == 20.0  # a full window after: exact again
+    series.append(sample(169, 200, since=168))  # it had counted 180 at its tick at 168
+    assert rate(series, 169.2) == 20.0
+    for i in range(1, 5):
+        series.append(sample(169 + i, 200 + i * 20, since=168 + i))
+    assert rate(series, 173.2) == 20.0
+    # a publisher that does not say `since`: one tick before its first publish
+    older = deque(sample(100 + i, i * 20) for i in range(10))
+    older.extend(sample(169 + i, 200 + i * 20) for i in range(5))
+    assert rate(older, 173.2) == 20.0
+
+
+def test_late_publishes_and_bursts_are_measured_over_the_whole_window() -> None:
+    # 20/s, but one publish 2.5 s late (etcd slow): no quiet spell, nothing dropped from the window
+    ats = [100 + i for i in range(8)] + [110.5] + [111 + i for i in range(6)]
+    late = deque(sample(at, round((at - 100) * 20)) for at in ats)
+    assert rate(late, 116.2) == 20.0
+    # bursts of 100 calls every 5 s, published at the tick after each burst: 20/s on average
+    bursts = deque(sample(100 + 5 * i, 100 * i) for i in range(6))
+    assert rate(bursts, 125.2) == 20.0
 
 
 def test_a_publisher_whose_clock_is_off_is_measured_on_its_own_clock() -> None:

@@ -4,6 +4,7 @@ endpoint states, process records and rollout trends; bad records are skipped; hi
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -166,11 +167,25 @@ async def test_records_with_wrong_types_are_skipped_or_coerced_and_every_page_re
     await store.put(mesh_keys.process("p1"), json.dumps(record).encode())
     await store.put(mesh_keys.proxy("x"), json.dumps({"id": 5, "serving": "yes"}).encode())
     good = json.loads(RolloutState("orders", "v1", "v2", [10, 100], 30.0, Thresholds()).to_json())
+    huge = 10**400
+    nested = b"[" * 100_000 + b"]" * 100_000
+    await publish(store, mesh_keys, "p5", now, [{**row("a", 1), "codes": {"OK": huge}}])
+    await publish(
+        store, mesh_keys, "p6", now, [row("a", 1)], endpoints=[{"address": "e", "inflight": math.inf}]
+    )
+    await store.put(mesh_keys.stats("orders", "p7"), nested)
+    await store.put(mesh_keys.process("p8"), json.dumps({"revision": math.inf, "startedAt": huge}).encode())
+    await store.put(mesh_keys.process("p9"), nested)
+    await store.put(mesh_keys.rollout("nested"), nested)
     changes = (
         ("steps", {"steps": ["<b>10</b>"]}),
         ("empty", {"steps": []}),
         ("reason", {"reason": 5}),
-        ("measured", {"measured": {"canary": {"calls": "x"}}}),
+        ("negative", {"step": -10}),
+        ("nan", {"started_at": math.nan}),
+        ("p99", {"thresholds": {**good["thresholds"], "max_latency_p99": math.inf}}),
+        ("interval", {"interval": huge}),
+        ("measured", {"measured": {"canary": {"calls": "x"}, "baseline": {"calls": 5, "p99": huge}}}),
     )
     for name, change in changes:
         await store.put(mesh_keys.rollout(name), json.dumps({**good, "service": name, **change}).encode())
@@ -178,6 +193,8 @@ async def test_records_with_wrong_types_are_skipped_or_coerced_and_every_page_re
     await view.poll()
     assert set(view.rollouts) == {"measured"}  # wrong types skipped; a bad measurement shown as none
     assert view.processes["p1"]["revision"] == 0 and view.processes["p1"]["services"] == []
+    assert view.processes["p8"]["revision"] == 0 and "p9" not in view.processes
+    assert view.endpoint_views["orders"]["e"].inflight == 0
     dashboard = Dashboard(view)
     for path in ("/", "/services/orders", "/rollouts", "/config", "/proxies", "/config/Route/x"):
         _, html = await dashboard.main(path, {})

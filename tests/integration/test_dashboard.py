@@ -174,6 +174,9 @@ async def test_the_dashboard_shows_a_known_workload_live(
                     await attr(page, loadgen, "data-rps"), loads[0].rate_over(10),
                     await attr(page, proxied, "data-rps"), loads[1].rate_over(10),
                 )  # fmt: skip
+            shown = [await attr(page, loadgen, "data-rps"), await attr(page, proxied, "data-rps")]
+            sent = [f"{load.rate_over(10):.1f}" for load in loads]
+            print(f"edges (loadgen, proxy): shown {shown}/s, sent {sent}/s")  # for the record: pytest -rP
             assert await page.locator('svg.graph g.edge[data-from="loadgen"][data-to="orders"]').count() == 1
             assert await page.locator('svg.graph g.node[data-name="orders"]').count() == 1
             assert await page.locator(f'svg.graph g.node[data-name="proxy:{proxy.id}"]').count() == 1
@@ -198,7 +201,9 @@ async def test_the_dashboard_shows_a_known_workload_live(
                 return "orders/v2 30%" in await page.locator("table.route").inner_text()
 
             await until(shows_split, 5, "the new weights on the page")
-            assert time.monotonic() - started <= 2.0, "the page took longer than 2 s to show the change"
+            took = time.monotonic() - started
+            print(f"a Route change on the open page after {took:.2f}s")
+            assert took <= 2.0, "the page took longer than 2 s to show the change"
 
             # -- config: the Route's two revisions and their diff
             config, _ = await new_page(browser, url + "config/Route/orders")
@@ -239,9 +244,9 @@ async def test_the_dashboard_shows_a_known_workload_live(
                 return state if state in ("unreachable", "ejected", "unhealthy") else None
 
             state_seen, _ = await until(out, 10, "the killed endpoint out")
-            assert time.monotonic() - killed <= 5.0, (
-                f"{state_seen} only after {time.monotonic() - killed:.1f}s"
-            )
+            took = time.monotonic() - killed
+            print(f"the killed endpoint {state_seen} on the page after {took:.2f}s")
+            assert took <= 5.0, f"{state_seen} only after {took:.1f}s"
             await page.screenshot(path=shot_path("service"), full_page=True)
 
             # -- proxies: the proxy and the channel process (this one) are in sync
