@@ -112,7 +112,11 @@ class Dashboard:
         if not parts:
             title, body = "graph", render.page_graph(view)
         elif parts[0] == "services" and len(parts) == 2:
-            title, body = parts[1], render.page_service(view, parts[1])
+            try:
+                live = await view.limit_state(parts[1])
+            except GmeshError:  # etcd away: the banner says so; the rest of the page still shows
+                live = {}
+            title, body = parts[1], render.page_service(view, parts[1], live)
         elif parts == ["rollouts"]:
             title, body = "rollouts", render.page_rollouts(view, self.allow_writes, self.token)
         elif parts == ["config"]:

@@ -74,6 +74,8 @@ class Sample:
     since: float | None = None
     #: the etcd revision of the document (a new one is a new revision, whatever its clock says)
     revision: int = 0
+    #: the process's first document for the service: its counters were zero at `since`
+    first: bool = False
 
 
 @dataclass
@@ -213,7 +215,8 @@ def _parse(service: str, doc: Mapping[str, Any], seen: float, revision: int = 0)
     if at < 0:
         raise ValueError("no publish time")
     since = _num(doc.get("since"), -1.0)
-    return Sample(at, seen, rows, attempts, endpoints, since if 0 <= since <= at else None, revision)
+    known = since if 0 <= since <= at else None
+    return Sample(at, seen, rows, attempts, endpoints, known, revision, doc.get("first") is True)
 
 
 def _rollout(raw: bytes) -> RolloutState:
@@ -268,6 +271,8 @@ class MeshView:
         self.endpoint_views: dict[str, dict[str, EndpointView]] = {}
         #: (when the dashboard saw it, revision) of the newest config or endpoint change, recent ones
         self._changes: deque[tuple[float, int]] = deque()
+        #: service -> (when read, live state of its global limits and quotas)
+        self._limit_state: dict[str, tuple[float, dict[str, Any]]] = {}
         #: "" while etcd answers; else what failed, and since when (wall time)
         self.error = ""
         self.error_since = 0.0
@@ -384,6 +389,10 @@ class MeshView:
                 continue
             if series is None or (series and sample.at <= series[-1].at):
                 series = self.series[key] = deque()  # new, or its clock went back: start again
+                if sample.first and sample.since is not None and sample.since < sample.at:
+                    # its first document: nothing was counted at `since` (a burst shows at once)
+                    zero = Sample(sample.since, sample.seen - (sample.at - sample.since), {}, {}, [])
+                    series.append(zero)
             series.append(sample)
             # keep one sample older than the window (its start) and what is inside it
             while len(series) > 2 and series[1].seen <= now - WINDOW - 2 * ACTIVE:
@@ -512,6 +521,56 @@ class MeshView:
             self._latest = (snapshot, latest)
         return self._latest[1]
 
+    async def limit_state(self, service: str) -> dict[str, Any]:
+        """What etcd says now of `service`'s global rate limits (each process's demand and share)
+        and quotas (tokens taken per key in the current window, the most used first), by resource
+        name. Read only for a service whose page is open, at most once a second."""
+        cached = self._limit_state.get(service)
+        if cached is not None and time.monotonic() - cached[0] < POLL:
+            return cached[1]
+        from urllib.parse import unquote
+
+        from gmesh.ratelimit.quota import window_of
+        from gmesh.ratelimit.shares import HEADROOM, max_min_shares
+
+        out: dict[str, Any] = {}
+        now = time.time()
+        for resource in self.attached(service):
+            spec: Any = resource.spec
+            if resource.kind == "RateLimit" and getattr(spec, "scope", "") == "global":
+                kvs, _ = await self.store.get_prefix(f"{self.keys.limits_root}{resource.name}/")
+                demands: dict[str, float] = {}
+                for kv in kvs:
+                    try:
+                        demands[unquote(kv.key.rsplit("/", 1)[1])] = _num(json.loads(kv.value)["demand"])
+                    except Exception:
+                        continue
+                shares = max_min_shares(spec.rate, {p: d * HEADROOM for p, d in demands.items()})
+                out[resource.ref] = {
+                    "processes": [(p, demands[p], shares.get(p, 0.0)) for p in sorted(demands)][:20]
+                }
+            elif resource.kind == "Quota":
+                window, ends = window_of(spec, now)
+                prefix = self.keys.quota_window(resource.name, str(window))
+                kvs, _ = await self.store.get_prefix(prefix)
+                used = []
+                for kv in kvs:
+                    name = unquote(kv.key[len(prefix) :])
+                    used.append(
+                        (name[1:] if name.startswith("=") else "(all calls)", int(_num(_int_of(kv.value))))
+                    )
+                used.sort(key=lambda item: -item[1])
+                out[resource.ref] = {
+                    "limit": spec.limit,
+                    "used": used[:10],
+                    "keys": len(used),
+                    "endsIn": ends - now,
+                }
+        if len(self._limit_state) > 64:
+            self._limit_state.clear()
+        self._limit_state[service] = (time.monotonic(), out)
+        return out
+
     def attached(self, service: str) -> list[Any]:
         """Every config resource that names `service` in its spec (Route, limits, policies...)."""
         out = []
@@ -540,6 +599,13 @@ class MeshView:
             self._history.clear()
         self._history[(kind, name, revision)] = (time.monotonic(), found)
         return found
+
+
+def _int_of(raw: bytes) -> int | None:
+    try:
+        return int(raw)
+    except ValueError:
+        return None
 
 
 def _records(kvs: Iterable[KeyValue], id_field: str) -> dict[str, dict[str, Any]]:

@@ -272,7 +272,31 @@ def _signals_rows(groups: Mapping[str, Rate], link: bool = False) -> list[str]:
     return out
 
 
-def page_service(view: MeshView, name: str) -> str:
+def _live(state: Mapping[str, Any] | None) -> str:
+    """The live state of a global rate limit or a quota, as a small table."""
+    if not state:
+        return ""
+    if "processes" in state:
+        rows = [
+            f"<tr><td>{e(p)}</td><td>{demand:.1f}/s</td><td>{share:.1f}/s</td></tr>"
+            for p, demand, share in state["processes"]
+        ]
+        return '<p class="hint">Now, per process (demand and the share it may admit):</p>' + table(
+            ["PROCESS", "DEMAND", "SHARE"], rows, empty="no process has called it lately"
+        )
+    rows = [
+        f"<tr><td>{e(key)}</td><td>{used}</td><td>{max(state['limit'] - used, 0)}</td></tr>"
+        for key, used in state["used"]
+    ]
+    more = f" (the {len(rows)} most used of {state['keys']} keys)" if state["keys"] > len(rows) else ""
+    return (
+        f'<p class="hint">This window ends in {e(ago(state["endsIn"]))}; tokens taken{more} '
+        "(processes hold some: they count as used):</p>"
+        + table(["KEY", "USED", "LEFT"], rows, cls="quota", empty="no calls counted in this window")
+    )
+
+
+def page_service(view: MeshView, name: str, live: Mapping[str, Any] | None = None) -> str:
     snapshot = view.snapshot
     if not snapshot.has_service(name) and name not in view.services():
         return f'<h1>{e(name)}</h1><p class="empty">No service {e(name)} in this mesh.</p>'
@@ -328,7 +352,7 @@ def page_service(view: MeshView, name: str) -> str:
         )
     attached = []
     for resource in view.attached(name):
-        rules = _route(resource) if resource.kind == "Route" else ""
+        rules = _route(resource) if resource.kind == "Route" else _live((live or {}).get(resource.ref))
         attached.append(
             f'<details open data-key="{e(resource.ref)}">'
             f'<summary><a href="/config/{u(resource.kind)}/{u(resource.name)}">'

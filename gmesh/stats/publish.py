@@ -85,6 +85,10 @@ class StatsPublisher:
         self._published: dict[str, str] = {}
         #: service -> when etcd last held exactly this process's counters (published, or unchanged since)
         self._synced: dict[str, float] = {}
+        #: services ever published (their first document says so); the last tick that published
+        #: everything it had (or found nothing new), at first when counting began
+        self._ever: set[str] = set()
+        self._clean_tick = time.time()
         #: etcd writes (transactions) made, for tests and the bench
         self.writes = 0
         self._warned = -1e9
@@ -147,9 +151,18 @@ class StatsPublisher:
                 self._synced[service] = now
                 continue
             # `since`: when etcd last held exactly what this process had counted (its last publish,
-            # or a later tick with nothing new): every call in this document came after it
+            # or a later tick with nothing new): every call in this document came after it. The
+            # first document of a service (`first`): its counters were zero at the last tick that
+            # went through (it had nothing to publish then), or when this publisher started
+            first = service not in self._ever
             since = self._synced.get(service)
-            extra = {"at": now} if since is None else {"at": now, "since": since}
+            if first:
+                since = self._clean_tick
+            extra: dict[str, Any] = {"at": now}
+            if since is not None:
+                extra["since"] = since
+            if first:
+                extra["first"] = True
             body = json.dumps({"process": PROCESS, **extra, **doc}, sort_keys=True)
             changed[service] = (unchanged, body)
         record = ""
@@ -158,6 +171,7 @@ class StatsPublisher:
             if record == self._process_published:
                 record = ""
         if not changed and not record:
+            self._clean_tick = now
             return
         if not self._lease:
             self._lease = await self.store.grant_lease(self.TTL)
@@ -176,5 +190,7 @@ class StatsPublisher:
             for service, (unchanged, _) in chunk:
                 self._published[service] = unchanged
                 self._synced[service] = now
+                self._ever.add(service)
         if record:
             self._process_published = record
+        self._clean_tick = now

@@ -220,3 +220,54 @@ async def test_a_process_is_behind_only_while_it_misses_a_change(
         assert not view.behind("late")  # not yet: it may be on its way
     finally:
         await view.close()
+
+
+async def test_the_service_page_shows_global_shares_and_quota_use_from_etcd(
+    store: Store, mesh_keys: MeshKeys, config_kinds: KindRegistry
+) -> None:
+    from gmesh.ratelimit.quota import counter_name, window_of
+
+    docs = {
+        ("Service", "orders"): {},
+        ("RateLimit", "orders-global"): {"service": "orders", "rate": "100/s", "scope": "global"},
+        ("Quota", "orders-hourly"): {"service": "orders", "limit": 1000, "window": "1h", "key": "caller"},
+    }
+    for (kind, name), spec in docs.items():
+        doc = {"kind": kind, "metadata": {"name": name}, "spec": spec}
+        await store.put(mesh_keys.config(kind, name), json.dumps(doc).encode())
+    for process, demand in (("a", 10.0), ("b", 500.0)):
+        body = json.dumps({"demand": demand, "at": time.time()}).encode()
+        await store.put(mesh_keys.limit_demand("orders-global", process), body)
+    view = MeshView(store, mesh_keys, config_kinds)
+    await view.start()
+    try:
+        await view.catalog.wait_for(lambda s: s.resource("Quota", "orders-hourly") is not None, timeout=5)
+        quota: Any = view.snapshot.resource("Quota", "orders-hourly")
+        window, _ = window_of(quota.spec, time.time())
+        for key, used in (("web", 300), ("<b>batch</b>", 20)):
+            counter = mesh_keys.quota_counter("orders-hourly", str(window), counter_name(key))
+            await store.put(counter, str(used).encode())
+        live = await view.limit_state("orders")
+        shares = {p: (d, round(s, 1)) for p, d, s in live["RateLimit/orders-global"]["processes"]}
+        assert shares == {"a": (10.0, 11.0), "b": (500.0, 89.0)}  # max-min fair, 10% headroom
+        assert live["Quota/orders-hourly"]["used"] == [("web", 300), ("<b>batch</b>", 20)]
+        _, html = await Dashboard(view).main("/services/orders", {})
+        assert "<td>web</td><td>300</td><td>700</td>" in html
+        assert "&lt;b&gt;batch&lt;/b&gt;" in html and "<b>" not in html
+        assert "<td>b</td><td>500.0/s</td><td>89.0/s</td>" in html
+    finally:
+        await view.close()
+
+
+async def test_a_process_first_document_counts_from_zero_so_a_burst_shows_at_once(
+    store: Store, mesh_keys: MeshKeys, config_kinds: KindRegistry
+) -> None:
+    view = MeshView(store, mesh_keys, config_kinds)
+    now = time.time()
+    # a proxy that served one burst of 20 calls in its first second, then nothing
+    await publish(store, mesh_keys, "burst", now, [row("web", 20)], since=now - 1, first=True)
+    # a process whose first document the dashboard missed: its counts may be older than the window
+    await publish(store, mesh_keys, "older", now, [row("batch", 500)], since=now - 1)
+    await view.poll()
+    edges = {k: (round(r.rps, 3), r.signals.calls) for k, r in view.edges().items()}
+    assert edges == {("web", "orders"): (20.0, 20)}

@@ -109,6 +109,7 @@ class Load:
         self.call, self.rate, self.limit = call, rate, limit
         self.done: list[float] = []
         self.failed = 0
+        self.started = time.monotonic()
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -161,8 +162,9 @@ async def test_the_dashboard_shows_a_known_workload_live(
 
             async def edges_match() -> bool:
                 a, b = await attr(page, loadgen, "data-rps"), await attr(page, proxied, "data-rps")
+                full = all(time.monotonic() - load.started > 11 for load in loads)  # a whole window
                 return (
-                    a is not None and b is not None
+                    full and a is not None and b is not None
                     and abs(float(a) - loads[0].rate_over(10)) <= 1
                     and abs(float(b) - loads[1].rate_over(10)) <= 1
                 )  # fmt: skip

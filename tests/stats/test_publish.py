@@ -36,6 +36,7 @@ async def test_every_changed_service_goes_out_in_one_write(store: Store, mesh_ke
     assert doc["backends"]["v1"]["calls"] == 1
     [row] = doc["calls"]
     assert row["codes"] == {"OK": 1} and row["backend"] == "svc-0" and row["door"] == "channel"
+    assert doc["first"] is True and doc["since"] <= doc["at"]  # counted from zero since then
 
     await publisher.publish()  # nothing changed: no write
     assert publisher.writes == 1
@@ -45,6 +46,9 @@ async def test_every_changed_service_goes_out_in_one_write(store: Store, mesh_ke
     assert publisher.writes == 2 and latest == after + 1
     changed = [kv for kv in kvs if kv.mod_revision == latest]
     assert [kv.key for kv in changed] == [mesh_keys.stats("svc-3", PROCESS)]
+    again = json.loads(changed[0].value)
+    # etcd held its counters from the first publish on, and still at the tick that found nothing new
+    assert "first" not in again and doc["at"] < again["since"] < again["at"]
     await publisher.close()
     assert (await store.get_prefix(mesh_keys.stats_root))[0] == []  # the lease went with it
 
