@@ -188,12 +188,3 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="gmesh: %(levelname)s: %(message)s", stream=sys.stderr)
     # grpc and etcd3aio are noisy about retries gmesh already reports in its own words
     logging.getLogger("etcd3aio").setLevel(logging.ERROR)
-
-
-def age(seconds: float) -> str:
-    if seconds < 0:
-        return "?"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"

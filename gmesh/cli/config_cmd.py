@@ -9,11 +9,12 @@ from typing import Any
 
 import click
 
-from gmesh.cli.common import MeshTarget, age, mesh_options, run, table
+from gmesh.cli.common import MeshTarget, mesh_options, run, table
 from gmesh.config.apply import delete_resource, plan_apply, read_config, render_diff, to_yaml, write_plan
 from gmesh.config.kinds import KindRegistry
 from gmesh.config.loader import load_paths
 from gmesh.config.schema import json_schema
+from gmesh.config.types import age
 from gmesh.discovery.endpoint import Endpoint, check_service_name
 from gmesh.errors import ConfigError, InvalidArgument, NotFound
 from gmesh.pluginmanager import Plugins

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from gmesh.cli.common import age
+from gmesh.config.types import age
 from gmesh.store.embedded import EmbeddedEtcd, is_healthy
 
 

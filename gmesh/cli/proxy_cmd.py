@@ -8,7 +8,8 @@ import time
 
 import click
 
-from gmesh.cli.common import DURATION, MeshTarget, age, mesh_options, run, table
+from gmesh.cli.common import DURATION, MeshTarget, mesh_options, run, table
+from gmesh.config.types import age
 from gmesh.discovery.endpoint import parse_address, parse_label
 from gmesh.errors import InvalidArgument
 from gmesh.store.connect import resolve_etcd

@@ -19,24 +19,15 @@ from gmesh.store.etcd import Store
 MIN_WINDOW = 2.0
 
 
-def _ms(value: float | None) -> str:
-    """Milliseconds, readable: 12.3ms, 850µs."""
-    return "-" if value is None else f"{value:.1f}ms" if value >= 1 else f"{value * 1000:.0f}µs"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.2f}%"
-
-
 def _row(signals: golden.Signals, seconds: float) -> list[str]:
     s = golden.summary(signals, seconds)
     return [
         str(s["calls"]),
-        _pct(s["successRate"]),
+        golden.format_percent(s["successRate"]),
         f"{s['rps']:.1f}",
-        _ms(s["p50Ms"]),
-        _ms(s["p95Ms"]),
-        _ms(s["p99Ms"]),
+        golden.format_ms(s["p50Ms"]),
+        golden.format_ms(s["p95Ms"]),
+        golden.format_ms(s["p99Ms"]),
     ]
 
 
@@ -145,7 +136,7 @@ def top_frame(service: str, rows: dict[golden.RowKey, golden.Signals], seconds: 
         total.add(s)
     head = (
         f"{service}: {total.calls / seconds if seconds else 0:.1f} calls/s, "
-        f"success {_pct(total.success_rate)}, last {seconds:.1f}s"
+        f"success {golden.format_percent(total.success_rate)}, last {seconds:.1f}s"
     )
     return Group(
         head,

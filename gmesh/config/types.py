@@ -29,6 +29,16 @@ def parse_duration(value: object) -> float:
     return sum(float(n) * _UNIT[u] for n, u in _DURATION_PART.findall(text))
 
 
+def age(seconds: float) -> str:
+    """How long, roughly, for tables and pages: 45s, 12m, 3h, 2d ("?" for a negative span)."""
+    if seconds < 0:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
 def format_duration(seconds: float) -> str:
     """The shortest exact spelling of a duration."""
     ms = round(seconds * 1000, 6)

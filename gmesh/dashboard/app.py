@@ -346,10 +346,13 @@ class DashboardServer:
         self._task = asyncio.get_running_loop().create_task(
             self.server.serve(sockets=[sock]), name="gmesh-dashboard"
         )
-        while not self.server.started:
+        deadline = time.monotonic() + 30
+        while not self.server.started:  # uvicorn says so by a flag only
             if self._task.done():
                 self._task.result()
                 raise GmeshError("the dashboard's server stopped while starting")
+            if time.monotonic() > deadline:
+                raise GmeshError("the dashboard's server did not start within 30 s")
             await asyncio.sleep(0.02)
 
     @property

@@ -17,8 +17,10 @@ from urllib.parse import quote
 
 import yaml
 
+from gmesh.config.types import age
 from gmesh.dashboard.model import HISTORY, MeshView, Rate
 from gmesh.rollout.controller import RolloutState
+from gmesh.stats.golden import format_ms, format_percent
 
 #: the graph is drawn up to this many nodes; above, the table alone
 MAX_DRAWN = 150
@@ -40,14 +42,7 @@ def rps(value: float) -> str:
     return f"{value:.1f}/s" if value < 100 else f"{value:.0f}/s"
 
 
-def pct(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.2f}%"
-
-
-def ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1f} ms" if value >= 1 else f"{value * 1000:.0f} µs"
+pct, ms = format_percent, format_ms
 
 
 def health(rate: Rate) -> str:
@@ -59,14 +54,7 @@ def health(rate: Rate) -> str:
 
 
 def ago(seconds: float) -> str:
-    seconds = max(seconds, 0)
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
+    return age(max(seconds, 0.0))  # clocks of other machines may be a little ahead
 
 
 def table(headers: Sequence[str], rows: Iterable[str], *, cls: str = "", empty: str = "none") -> str:

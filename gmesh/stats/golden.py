@@ -187,5 +187,15 @@ def summary(signals: Signals, seconds: float) -> dict[str, Any]:
     }
 
 
+def format_ms(value: float | None) -> str:
+    """Milliseconds, readable: 12.3ms, 850µs ("-": nothing measured)."""
+    return "-" if value is None else f"{value:.1f}ms" if value >= 1 else f"{value * 1000:.0f}µs"
+
+
+def format_percent(value: float | None) -> str:
+    """A share as a percentage: 99.95% ("-": nothing measured)."""
+    return "-" if value is None else f"{value * 100:.2f}%"
+
+
 def services_of(rows: Iterable[RowKey]) -> list[str]:
     return sorted({key[0] for key in rows})

@@ -183,7 +183,7 @@ async def test_the_dashboard_shows_a_known_workload_live(
             assert await page.locator('svg.graph g.node[data-name="orders"]').count() == 1
             assert await page.locator(f'svg.graph g.node[data-name="proxy:{proxy.id}"]').count() == 1
             label = await page.locator('svg.graph g.edge[data-from="loadgen"] text').text_content() or ""
-            assert re.fullmatch(r"\d+\.\d/s · 100\.00% · p99 [\d.]+ (ms|µs)", label), label
+            assert re.fullmatch(r"\d+\.\d/s · 100\.00% · p99 [\d.]+(ms|µs)", label), label
             await page.screenshot(path=shot_path("graph"), full_page=True)
 
             # -- a config change shows on the open service page, without a reload, within 2 s
@@ -358,7 +358,9 @@ async def test_the_page_survives_bad_data_and_etcd_going_away(
                     HOSTILE in await rollouts.locator('section.rollout[data-service="big"] h2').inner_text()
                 )
                 assert HOSTILE in await rollouts.locator("p.reason").inner_text()
-                await asyncio.sleep(1.5)  # a live update or two over every page
+                updated = "document.getElementById('main').dataset.updated"
+                for name, page in pages.items():  # every page has had a live update (innerHTML) too
+                    await until(lambda page=page: page.evaluate(updated), 10, f"a live update of {name}")
                 for name, page in pages.items():
                     await page.screenshot(path=shot_path(f"bad-{name}"), full_page=True)
                     assert await page.locator("#pwned").count() == 0, name  # no markup from etcd, ever
