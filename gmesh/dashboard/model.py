@@ -443,6 +443,8 @@ class MeshView:
         for key, rate in rows.items():
             totals.setdefault(key[0], Rate()).merge(rate)
         self.totals = totals
+        for service in [s for s in self.trends if s not in self.rollouts]:
+            del self.trends[service]  # its state was deleted
         for service, state in self.rollouts.items():
             trend = self.trends.get(service)
             if state.phase not in ("running", "abort-requested"):
